@@ -1,0 +1,1 @@
+"""Sub-commands of the ``deid-gateway`` command line, one module each."""
