@@ -1,0 +1,200 @@
+"""The durable on-disk queue between receipt and forwarding.
+
+Layout under ``spool_dir``::
+
+    incoming/        files being received or made durable; emptied at start-up
+    ready/<id>/      one directory per acknowledged instance:
+        instance.dcm     the instance as received (Part 10)
+        entry.json       how it arrived (caller, SOP class, route); never changes
+        state.json       attempts and destinations already served; replaced atomically
+    done/<id>/       entries being deleted; emptied at start-up
+    work/            de-identified output on its way out; emptied at start-up
+
+An entry becomes visible in ``ready/`` by one ``rename`` of a directory whose
+files were fsynced, followed by an fsync of ``ready/``: after a crash an entry
+is either complete or absent, and only then is the sender answered Success.
+Entry ids are random, never derived from the data, so they can be logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import threading
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+INSTANCE = "instance.dcm"
+ENTRY = "entry.json"
+STATE = "state.json"
+
+
+class SpoolFullError(OSError):
+    """The spool cannot take the instance (disk full or below the free-space floor)."""
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """How an instance arrived. Holds no value from the data set except its SOP class."""
+
+    calling_ae_title: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    route: str
+    size: int
+    received: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+
+@dataclass
+class EntryState:
+    """Forwarding progress, rewritten atomically after each attempt."""
+
+    attempts: int = 0
+    delivered: list[str] = field(default_factory=list)
+    last_error: str | None = None
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write ``data`` beside ``path``, fsync it, and rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    fsync_dir(path.parent)
+
+
+def move_durably(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst`` and fsync the content; copy when across file systems."""
+    try:
+        src.replace(dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.copyfile(src, dst)
+        src.unlink()
+    fsync_file(dst)
+
+
+class Spool:
+    """The queue of acknowledged instances waiting to be forwarded."""
+
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+        self.root = root
+        self.incoming = root / "incoming"
+        self.ready = root / "ready"
+        self.done = root / "done"
+        self.work = root / "work"
+        self.min_free_bytes = min_free_bytes
+        self._lock = threading.Lock()
+
+    def open(self) -> list[str]:
+        """Create the layout, drop what was never acknowledged; return pending ids, oldest first.
+
+        Anything in ``incoming/`` was never answered Success, and anything in
+        ``done/`` was already delivered everywhere, and ``work/`` is re-made
+        from the spool, so all three are emptied.
+        """
+        for directory in (self.root, self.incoming, self.ready, self.done, self.work):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            directory.chmod(0o700)
+        for directory in (self.incoming, self.done, self.work):
+            for child in directory.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        pending = []
+        for child in self.ready.iterdir():
+            if (child / INSTANCE).is_file() and (child / ENTRY).is_file():
+                pending.append((child.stat().st_mtime_ns, child.name))
+            else:  # a directory not created by admit(): never acknowledged
+                shutil.rmtree(child)
+        return [name for _, name in sorted(pending)]
+
+    def free_bytes(self) -> int:
+        usage = shutil.disk_usage(self.root)
+        return usage.free
+
+    def has_room(self, size: int = 0) -> bool:
+        return self.free_bytes() - size >= self.min_free_bytes
+
+    def admit(self, received: Path, info: EntryInfo) -> str:
+        """Make ``received`` durable as a new entry and return its id.
+
+        ``received`` is moved (not copied when on the same file system). On any
+        failure nothing of the entry is left behind; disk full raises
+        :class:`SpoolFullError`.
+        """
+        if not self.has_room(info.size if received.parent != self.incoming else 0):
+            received.unlink(missing_ok=True)
+            raise SpoolFullError(errno.ENOSPC, "spool below its free-space floor")
+        entry_id = uuid.uuid4().hex
+        staging = self.incoming / entry_id
+        try:
+            staging.mkdir(mode=0o700)
+            move_durably(received, staging / INSTANCE)
+            write_json_atomic(staging / ENTRY, asdict(info))
+            write_json_atomic(staging / STATE, asdict(EntryState()))
+            fsync_dir(staging)
+            staging.rename(self.ready / entry_id)
+            fsync_dir(self.ready)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            received.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFullError(exc.errno, "spool disk full") from None
+            raise
+        return entry_id
+
+    def path(self, entry_id: str) -> Path:
+        return self.ready / entry_id
+
+    def instance(self, entry_id: str) -> Path:
+        return self.ready / entry_id / INSTANCE
+
+    def info(self, entry_id: str) -> EntryInfo:
+        data = json.loads((self.ready / entry_id / ENTRY).read_text(encoding="utf-8"))
+        return EntryInfo(**data)
+
+    def state(self, entry_id: str) -> EntryState:
+        path = self.ready / entry_id / STATE
+        with contextlib.suppress(FileNotFoundError):
+            return EntryState(**json.loads(path.read_text(encoding="utf-8")))
+        return EntryState()
+
+    def save_state(self, entry_id: str, state: EntryState) -> None:
+        write_json_atomic(self.ready / entry_id / STATE, asdict(state))
+
+    def remove(self, entry_id: str) -> None:
+        """Delete an entry: one atomic rename out of ``ready/``, then the files."""
+        target = self.done / entry_id
+        (self.ready / entry_id).rename(target)
+        fsync_dir(self.ready)
+        shutil.rmtree(target)
+
+    def pending(self) -> list[str]:
+        return sorted(child.name for child in self.ready.iterdir())
