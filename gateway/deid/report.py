@@ -1,0 +1,78 @@
+"""What the engine did to one instance."""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Outcome(enum.Enum):
+    """The verdict on one instance."""
+
+    PASSED = "passed"  # de-identified; may be forwarded
+    DROPPED = "dropped"  # policy says never forward (e.g. a LABEL image); not an error
+    QUARANTINED = "quarantined"  # held back for a person to look at
+
+
+@dataclass(frozen=True, slots=True)
+class ExplainEntry:
+    """One element's fate: where it is, what was done and which rule chose it.
+
+    Carries no value of the element.
+    """
+
+    path: str
+    tag: str
+    keyword: str
+    vr: str
+    action: str
+    rule: str
+
+
+@dataclass
+class DeidReport:
+    """The result of de-identifying one instance.
+
+    ``uid_map`` and ``patient_map`` carry original identifiers: never log them.
+    :meth:`public` gives the part that is safe for logs, metrics and audit.
+    """
+
+    outcome: Outcome = Outcome.PASSED
+    reason: str | None = None
+    detail: str = ""
+    sop_class_uid: str = ""
+    image_type: str | None = None
+    transfer_syntax_uid: str = ""
+    new_sop_instance_uid: str | None = None
+    new_study_instance_uid: str | None = None
+    new_series_instance_uid: str | None = None
+    action_counts: Counter[str] = field(default_factory=Counter)
+    uid_map: dict[str, str] = field(default_factory=dict)
+    patient_map: dict[str, str] = field(default_factory=dict)
+    unaddressed: list[str] = field(default_factory=list)
+    explain: list[ExplainEntry] = field(default_factory=list)
+
+    def stop(self, outcome: Outcome, reason: str, detail: str) -> DeidReport:
+        """Mark the instance as not passed, with a PHI-free reason code and sentence."""
+        self.outcome = outcome
+        self.reason = reason
+        self.detail = detail
+        return self
+
+    def public(self) -> dict[str, Any]:
+        """The PHI-free summary: codes, counts, standard UIDs and the new SOP Instance UID."""
+        return {
+            "outcome": self.outcome.value,
+            "reason": self.reason,
+            "detail": self.detail,
+            "sop_class_uid": self.sop_class_uid,
+            "image_type": self.image_type,
+            "transfer_syntax_uid": self.transfer_syntax_uid,
+            "new_sop_instance_uid": self.new_sop_instance_uid,
+            "new_study_instance_uid": self.new_study_instance_uid,
+            "new_series_instance_uid": self.new_series_instance_uid,
+            "action_counts": dict(sorted(self.action_counts.items())),
+            "unaddressed": list(self.unaddressed),
+        }

@@ -1,0 +1,256 @@
+"""File-to-file de-identification that never holds the pixel data in memory.
+
+The header (everything before the pixel data element) is parsed with
+pydicom, de-identified, and written; the pixel data element is then copied
+byte for byte, by the kernel where it can (``copy_file_range``), so a
+multi-gigabyte slide costs the memory of its header alone. Elements after the
+pixel data (rare: signatures, padding) are de-identified with the header and
+written after it. The output keeps the input's transfer syntax.
+
+Deflated datasets and OVERVIEW images that are to be redacted are read whole
+(they are small); anything larger than ``max_whole_bytes`` is quarantined.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from gateway import __version__
+from gateway.deid.policy import image_flavor
+from gateway.deid.report import DeidReport, Outcome
+
+if TYPE_CHECKING:
+    from gateway.deid.engine import Deidentifier
+
+#: Pixel Data, Float Pixel Data and Double Float Pixel Data.
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00009, 0x7FE00008)
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+_UNDEFINED = 0xFFFFFFFF
+#: This gateway's implementation identity in the file meta (a 2.25 UUID UID).
+IMPLEMENTATION_CLASS_UID = "2.25.227128497617390133914612893424063658247"
+IMPLEMENTATION_VERSION = f"DEIDGW_{__version__}"[:16]
+MAX_WHOLE_BYTES = 512 * 1024 * 1024
+
+
+class MalformedError(ValueError):
+    """The file is not a DICOM instance this gateway can read safely."""
+
+
+def deidentify_file(
+    deid: Deidentifier,
+    src: Path,
+    dst: Path,
+    *,
+    explain: bool = False,
+    max_whole_bytes: int = MAX_WHOLE_BYTES,
+) -> DeidReport:
+    """De-identify ``src`` into ``dst``; ``dst`` is written only when passed.
+
+    The output is written to a temporary name beside ``dst``, flushed to disk
+    and renamed, so ``dst`` either holds a whole instance or does not exist.
+    """
+    try:
+        with src.open("rb") as fp:
+            header = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+            size = os.fstat(fp.fileno()).st_size
+            syntax = _transfer_syntax(header)
+            pixel_start = fp.tell()
+            whole = syntax == DeflatedExplicitVRLittleEndian or (
+                image_flavor(header) == "OVERVIEW" and deid.profile.pixels.overview in ("redact", "replace")
+            )
+            if whole:
+                if size > max_whole_bytes:
+                    return _refuse(
+                        header,
+                        "too-large-to-rewrite",
+                        "the instance must be rewritten whole but is too large",
+                    )
+                fp.seek(0)
+                dataset = pydicom.dcmread(fp, force=True)
+                report = deid.deidentify(dataset, explain=explain)
+                if report.outcome is Outcome.PASSED:
+                    _write_whole(dataset, syntax, dst)
+                return report
+            pixel_end, pixel_tag = _pixel_extent(fp, pixel_start, size, syntax)
+            if pixel_end < size:
+                fp.seek(pixel_end)
+                header.update(read_dataset(fp, syntax.is_implicit_VR, syntax.is_little_endian))
+    except (
+        InvalidDicomError,
+        MalformedError,
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        struct.error,
+        NotImplementedError,
+    ) as exc:
+        report = DeidReport()
+        return report.stop(
+            Outcome.QUARANTINED, "unreadable", f"not a readable DICOM instance ({type(exc).__name__})"
+        )
+    report = deid.deidentify(header, has_pixels=pixel_tag is not None, explain=explain)
+    if report.outcome is Outcome.PASSED:
+        _write_streamed(header, syntax, src, (pixel_start, pixel_end), pixel_tag, dst)
+    return report
+
+
+def _refuse(header: Dataset, reason: str, detail: str) -> DeidReport:
+    report = DeidReport(sop_class_uid=str(header.get("SOPClassUID", "")), image_type=image_flavor(header))
+    return report.stop(Outcome.QUARANTINED, reason, detail)
+
+
+def _transfer_syntax(header: Dataset) -> UID:
+    meta = getattr(header, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if not syntax:
+        raise MalformedError("no Transfer Syntax UID in the file meta")
+    uid = UID(str(syntax))
+    if not uid.is_transfer_syntax:
+        raise MalformedError("unknown transfer syntax")
+    return uid
+
+
+def _pixel_extent(fp: BinaryIO, start: int, size: int, syntax: UID) -> tuple[int, int | None]:
+    """Where the pixel data element at ``start`` ends, and its tag.
+
+    Returns ``(start, None)`` when no pixel data element starts there. For
+    encapsulated pixel data (undefined length) the item headers are walked
+    with seeks, without reading the fragments.
+    """
+    if start >= size:
+        return start, None
+    endian = "<" if syntax.is_little_endian else ">"
+    fp.seek(start)
+    head = fp.read(8)
+    if len(head) < 8:
+        raise MalformedError("truncated element header")
+    group, element = struct.unpack(endian + "HH", head[:4])
+    tag = (group << 16) | element
+    if tag not in _PIXEL_TAGS:
+        return start, None
+    if syntax.is_implicit_VR:
+        (length,) = struct.unpack(endian + "L", head[4:8])
+        offset = start + 8
+    elif head[4:6] in _LONG_VRS:
+        extra = fp.read(4)
+        if len(extra) < 4:
+            raise MalformedError("truncated element header")
+        (length,) = struct.unpack(endian + "L", extra)
+        offset = start + 12
+    else:
+        (length,) = struct.unpack(endian + "H", head[6:8])
+        offset = start + 8
+    if length != _UNDEFINED:
+        end = offset + length
+        if end > size:
+            raise MalformedError("pixel data runs past the end of the file")
+        return end, tag
+    while True:
+        fp.seek(offset)
+        item = fp.read(8)
+        if len(item) < 8:
+            raise MalformedError("encapsulated pixel data has no sequence delimiter")
+        item_group, item_element, item_length = struct.unpack(endian + "HHL", item)
+        if (item_group, item_element) == (0xFFFE, 0xE0DD):
+            return offset + 8, tag
+        if (item_group, item_element) != (0xFFFE, 0xE000) or item_length == _UNDEFINED:
+            raise MalformedError("malformed item in encapsulated pixel data")
+        offset += 8 + item_length
+        if offset > size:
+            raise MalformedError("a pixel data fragment runs past the end of the file")
+
+
+def _file_meta(dataset: Dataset, syntax: UID) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    meta.TransferSyntaxUID = syntax
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    return meta
+
+
+def _temporary(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}.partial")
+
+
+def _write_whole(dataset: Dataset, syntax: UID, dst: Path) -> None:
+    dataset.file_meta = _file_meta(dataset, syntax)
+    tmp = _temporary(dst)
+    with tmp.open("wb") as out:
+        pydicom.dcmwrite(out, dataset, enforce_file_format=True)
+        out.flush()
+        os.fsync(out.fileno())
+    tmp.replace(dst)
+
+
+def _write_streamed(
+    header: Dataset,
+    syntax: UID,
+    src: Path,
+    extent: tuple[int, int],
+    pixel_tag: int | None,
+    dst: Path,
+) -> None:
+    tail = Dataset()
+    if pixel_tag is not None:
+        for tag in [t for t in header.keys() if int(t) > pixel_tag]:
+            tail[tag] = header[tag]
+            del header[tag]
+    header.file_meta = _file_meta(header, syntax)
+    tmp = _temporary(dst)
+    with tmp.open("wb") as out:
+        pydicom.dcmwrite(out, header, enforce_file_format=True)
+        out.flush()
+        position = out.tell()
+        start, end = extent
+        if end > start:
+            with src.open("rb") as source:
+                _copy_range(source, out, start, end - start, position)
+            out.seek(position + end - start)
+        if len(tail):
+            buffer = DicomBytesIO()
+            buffer.is_little_endian = syntax.is_little_endian
+            buffer.is_implicit_VR = syntax.is_implicit_VR
+            write_dataset(buffer, tail)
+            out.write(buffer.getvalue())
+        out.flush()
+        os.fsync(out.fileno())
+    tmp.replace(dst)
+
+
+def _copy_range(source: BinaryIO, out: BinaryIO, offset: int, count: int, out_offset: int) -> None:
+    """Copy ``count`` bytes, in the kernel where the filesystem allows it."""
+    src_fd, dst_fd = source.fileno(), out.fileno()
+    try:
+        while count:
+            done = os.copy_file_range(src_fd, dst_fd, count, offset, out_offset)
+            if done == 0:
+                raise MalformedError("the source file shrank while being copied")
+            offset, out_offset, count = offset + done, out_offset + done, count - done
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        source.seek(offset)
+        out.seek(out_offset)
+        while count:
+            chunk = source.read(min(count, 8 * 1024 * 1024))
+            if not chunk:
+                raise MalformedError("the source file shrank while being copied") from exc
+            out.write(chunk)
+            count -= len(chunk)
