@@ -6,9 +6,12 @@ pynetdicom's): JSON lines when the stream is not a terminal, a readable console
 format on one.
 
 The chain ends in :class:`PhiGuard`, which lets through only an allowlist of
-event keys, each with a rule its value must satisfy (an AE title pattern, a
-reason-code pattern, a UID of the DICOM registry, a finite non-negative
-number, ...). A key that is not on the list is dropped (the line then carries
+event keys, each with a rule its value must satisfy: one of a fixed set
+(outcomes, image types, the reason codes of :mod:`gateway.metrics`, the
+registered destinations), a UID or keyword of the DICOM registry, a SHA-256,
+a non-negative integer, a finite number of seconds, an IP address, or the
+AE-title pattern (AE titles come from the association, never from a dataset).
+A key that is not on the list is dropped (the line then carries
 ``redacted_fields=N``); a value that breaks its key's rule is replaced by
 ``"[redacted]"``. Exceptions are reduced to their class name and the place
 they were raised, because exception messages from parsers often quote the
@@ -42,12 +45,8 @@ MARKER: Final = "[redacted]"
 _EVENT: Final = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 _LOGGER_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,99}")
 _AE_TITLE: Final = re.compile(r"[A-Za-z0-9_.-](?:[A-Za-z0-9_. -]{0,14}[A-Za-z0-9_.-])?")
-_REASON: Final = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
-_PLAIN_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
-_ASSOC_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SHA256: Final = re.compile(r"[0-9a-f]{64}")
-_VERSION: Final = re.compile(r"[0-9A-Za-z.+_-]{1,40}")
-_IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,79}")
+_CLASS_NAME: Final = re.compile(r"[A-Z][A-Za-z0-9_]{0,79}")
 
 _REGISTRY_UIDS: Final = frozenset(UID_dictionary)
 _REGISTRY_KEYWORDS: Final = frozenset(entry[4] for entry in UID_dictionary.values() if entry[4])
@@ -112,8 +111,9 @@ def _flag(value: object) -> bool:
     return isinstance(value, bool)
 
 
-def _assoc_id(value: object) -> bool:
-    return _count(value) or _matches(_ASSOC_ID, 64)(value)
+def _destination(value: object) -> bool:
+    """Only destinations declared with :func:`gateway.metrics.register_destinations`."""
+    return isinstance(value, str) and value in metrics.registered_destinations()
 
 
 def _ip_address(value: object) -> bool:
@@ -126,21 +126,16 @@ def _ip_address(value: object) -> bool:
     return True
 
 
-def _check_names(value: object) -> bool:
-    names = value if isinstance(value, list | tuple) else None
-    return names is not None and all(_matches(_PLAIN_NAME, 64)(name) for name in names)
-
-
 #: Every key that may appear in a log line, with the rule its value must meet.
 FIELD_RULES: Final[Mapping[str, Rule]] = {
     # added by the chain itself
     "event": _matches(_EVENT, 64),
     "level": _one_of(frozenset({"debug", "info", "warning", "error", "critical", "exception"})),
     "logger": _matches(_LOGGER_NAME),
-    "error_type": _matches(_IDENTIFIER, 80),
+    "error_type": _matches(_CLASS_NAME, 80),
     "error_where": _matches(re.compile(r"[A-Za-z0-9_.<>-]{1,120}:[0-9]{1,6}"), 128),
     # association and peer
-    "assoc_id": _assoc_id,
+    "assoc_id": _count,
     "calling_ae": _matches(_AE_TITLE, 16),
     "called_ae": _matches(_AE_TITLE, 16),
     "ae_title": _matches(_AE_TITLE, 16),
@@ -152,15 +147,11 @@ FIELD_RULES: Final[Mapping[str, Rule]] = {
     "transfer_syntax": _registry_uid,
     "image_type": _one_of(metrics.IMAGE_TYPES),
     "outcome": _one_of(OUTCOMES),
-    "reason": _matches(_REASON, 48),
+    "reason": _one_of(metrics.INSTANCE_REASONS | metrics.ASSOCIATION_REJECT_REASONS),
     "status": _count,
-    "destination": _matches(_PLAIN_NAME, 64),
-    "profile": _matches(_PLAIN_NAME, 64),
+    "destination": _destination,
     "profile_sha256": _matches(_SHA256, 64),
     "input_sha256": _matches(_SHA256, 64),
-    "version": _matches(_VERSION, 40),
-    "check": _matches(_PLAIN_NAME, 64),
-    "failing": _check_names,
     "retry": _flag,
     "up": _flag,
     # sizes and counts
@@ -295,7 +286,7 @@ def get_logger(**initial: object) -> FilteringBoundLogger:
 
 
 def association_logger(
-    assoc_id: int | str, calling_ae: str, *, called_ae: str | None = None
+    assoc_id: int, calling_ae: str, *, called_ae: str | None = None
 ) -> FilteringBoundLogger:
     """A logger for one association: every line carries its id and calling AE."""
     fields: MutableMapping[str, object] = {"assoc_id": assoc_id, "calling_ae": calling_ae}

@@ -282,6 +282,11 @@ def set_build_info(version: str, profiles: Mapping[str, str]) -> None:
         BUILD_INFO.labels(version=version, profile=name, profile_sha256=digest).set(1)
 
 
+def registered_destinations() -> frozenset[str]:
+    """The destination names declared by :func:`register_destinations`."""
+    return _destinations
+
+
 def register_destinations(names: Iterable[str]) -> None:
     """Declare the configured destinations; call once at start-up.
 
