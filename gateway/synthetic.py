@@ -144,6 +144,7 @@ class PlantedPHI:
     patient_birth_date: str
     patient_address: str
     patient_telephone: str
+    patient_history: str
     study_date: str
     study_time: str
     acquisition_datetime: str
@@ -201,6 +202,10 @@ class PlantedPHI:
             patient_birth_date=birth.strftime("%Y%m%d"),
             patient_address=f"{num} PHISTREET{tag} Road, PHICITY{tag}",
             patient_telephone=f"+99 {num} {num}",
+            patient_history=(
+                f"PHIHISTORY{tag} born {birth_written[1]}; biopsy {study_written[2]}, "
+                f"reviewed {study_written[3]} and {study_written[4]}"
+            ),
             study_date=study.strftime("%Y%m%d"),
             study_time=study_time,
             acquisition_datetime=study.strftime("%Y%m%d") + study_time,
@@ -261,6 +266,7 @@ class PlantedPHI:
             self.patient_birth_date,
             self.patient_address,
             self.patient_telephone,
+            self.patient_history,
             self.study_date,
             self.accession_number,
             self.study_id,
@@ -320,7 +326,8 @@ def _tissue_image(width: int, height: int, seed: int) -> Image.Image:
     level has blank tiles to leave out.
     """
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    yy = np.arange(height, dtype=np.float32)[:, np.newaxis]
+    xx = np.arange(width, dtype=np.float32)[np.newaxis, :]
     inside = ((xx - width / 2) / (width * 0.45)) ** 2 + ((yy - height / 2) / (height * 0.42)) ** 2
     mask = inside < 1.0
     texture = rng.normal(0.0, 12.0, size=(height, width)).astype(np.float32)
@@ -436,6 +443,7 @@ def _patient_study(ds: Dataset, phi: PlantedPHI) -> None:
     ds.StudyID = phi.study_id
     ds.AccessionNumber = phi.accession_number
     ds.StudyDescription = phi.study_description
+    ds.AdditionalPatientHistory = phi.patient_history
 
 
 def _equipment(ds: Dataset, phi: PlantedPHI) -> None:
