@@ -230,8 +230,7 @@ class PlantedPHI:
             specimen_issuer=f"PHISISSUER{tag}",
             specimen_short_description=f"PHISHORTDESC{tag}",
             specimen_detailed_description=(
-                f"PHIDETAILDESC{tag} received {study_written[1]} for patient born "
-                f"{birth_written[2]}"
+                f"PHIDETAILDESC{tag} received {study_written[1]} for patient born {birth_written[2]}"
             ),
             preparation_text=f"PHIPREP{tag} stained on {study_written[0]}",
             label_text=f"PHILABEL{tag}",
@@ -387,13 +386,10 @@ def _tiles(image: Image.Image, tile_size: int, *, skip_blank: bool) -> list[_Til
     tiles: list[_Tile] = []
     for top in range(0, image.height, tile_size):
         for left in range(0, image.width, tile_size):
-            crop = image.crop((left, top, left + tile_size, top + tile_size))
+            right = min(left + tile_size, image.width)
+            bottom = min(top + tile_size, image.height)
             tile = Image.new("RGB", (tile_size, tile_size), (245, 245, 245))
-            tile.paste(
-                crop.crop(
-                    (0, 0, min(tile_size, image.width - left), min(tile_size, image.height - top))
-                )
-            )
+            tile.paste(image.crop((left, top, right, bottom)))
             if skip_blank and int(np.asarray(tile).min()) >= 240:
                 continue
             tiles.append(_Tile(_encode_jpeg(tile), left + 1, top + 1))
@@ -585,9 +581,7 @@ def _specimen_description(slide: _Slide) -> Dataset:
         ),
         hd.SpecimenPreparationStep(
             specimen_id=phi.block_id,
-            processing_procedure=hd.SpecimenProcessing(
-                description=f"{phi.preparation_text} embedded"
-            ),
+            processing_procedure=hd.SpecimenProcessing(description=f"{phi.preparation_text} embedded"),
             embedding_medium=codes.SCT.ParaffinWax,
             issuer_of_specimen_id=issuer,
         ),
@@ -842,9 +836,7 @@ def _overview_image(slide: _Slide, width: int) -> Image.Image:
     overview = Image.new("RGB", (width, height), (228, 232, 236))
     tissue = _tissue_image(width - label_width - 40, height - 60, phi.seed + slide.number)
     overview.paste(tissue, (label_width + 20, 30))
-    card = _text_card(
-        (label_width, height), _label_lines(phi, slide.container_id), max(12, height // 12)
-    )
+    card = _text_card((label_width, height), _label_lines(phi, slide.container_id), max(12, height // 12))
     overview.paste(card, (0, 0))
     return overview
 
@@ -875,6 +867,8 @@ def write_slide(
     images show the label text and barcode value in large black-on-white
     letters. ``slide_number`` tells slides of one study apart: it is appended
     to the container and specimen identifiers and seeds the slide's UIDs.
+    ``offset_table`` chooses between a Basic Offset Table in the Pixel Data and
+    an Extended Offset Table in the header for the VOLUME levels.
 
     Returns the paths written, in the order levels, label, overview, thumbnail.
     """
@@ -913,7 +907,6 @@ def write_slide(
             paths.append(_save(ds, directory / f"level{level}{suffix}.dcm", JPEGBaseline8Bit))
         # All parts of a concatenation share the Instance Number.
         instance_number += 1
-    overview_image = _overview_image(slide, 1200)
     if label:
         label_image = _text_card((640, 640), _label_lines(phi, slide.container_id), 48)
         paths.append(
@@ -929,6 +922,7 @@ def write_slide(
         )
         instance_number += 1
     if overview:
+        overview_image = _overview_image(slide, 1200)
         paths.append(
             _single_frame_image(
                 slide,
