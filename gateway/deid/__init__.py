@@ -2,7 +2,7 @@
 datasets (pure) and to files (streaming the pixel data through)."""
 
 from gateway.deid.engine import Deidentifier, Redactor
-from gateway.deid.keys import SecretKey, generate_key_file, load_key
+from gateway.deid.keys import KeyLoadError, SecretKey, generate_key_file, load_key
 from gateway.deid.profile import Profile, ProfileError, load_profile
 from gateway.deid.report import DeidReport, ExplainEntry, Outcome
 
@@ -10,6 +10,7 @@ __all__ = [
     "DeidReport",
     "Deidentifier",
     "ExplainEntry",
+    "KeyLoadError",
     "Outcome",
     "Profile",
     "ProfileError",

@@ -1,36 +1,87 @@
-"""The Clean action (C) for free text: remove identifying values found inside.
+"""The Clean action (C) for free text.
 
-Values come from two places: what this very instance says about itself
-(harvested before any change) and the regular expressions a profile adds
-(e.g. any date or long number, whatever instance it belongs to).
+Three passes, most specific first:
+
+1. identifying values this very instance carries (names and their
+   components, IDs, accession numbers, container and specimen identifiers,
+   dates in their common written forms), harvested before any change;
+2. the regular expressions the profile adds (any date, long numbers, e-mail
+   addresses, whatever instance they belong to);
+3. an allowlist of words: every word left must be one the cleaner knows to
+   be descriptive, that is a word of the meaning of a code in the DICOM
+   content mapping resource (SNOMED CT, DCM and the other coding schemes
+   pydicom ships: about 8,800 words of pathology, anatomy and procedure, and
+   no given names or surnames), a word the profile adds, or a token of at
+   most two letters. Any other word is removed, since it may be a name.
+
+Text of which no known word is left is reported as not cleanable, and the
+caller empties the element as its Type allows.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import cache
+
+from pydicom.sr._concepts_dict import concepts
 
 from gateway.deid.harvest import IdentifyingValues
 
 #: What replaces a removed value inside text.
 REDACTED = "[REMOVED]"
+_MARK = "\x00"  # stands for REDACTED while cleaning; no word pattern matches it
+_WORD = re.compile(r"[^\W\d_]+")
+_SHORT = 2
+
+
+@cache
+def coded_vocabulary() -> frozenset[str]:
+    """Lower-case words of every code meaning in pydicom's concept dictionary."""
+    words: set[str] = set()
+    for scheme in concepts.values():
+        for entries in scheme.values():
+            for meaning, _groups in entries.values():  # type: ignore[attr-defined]
+                words.update(w.lower() for w in _WORD.findall(meaning))
+    return frozenset(words)
 
 
 class TextCleaner:
-    """Remove harvested values and profile patterns from text, case-insensitively."""
+    """Clean text for one instance; see the module documentation."""
 
-    def __init__(self, found: IdentifyingValues, patterns: Iterable[re.Pattern[str]]) -> None:
+    def __init__(
+        self,
+        found: IdentifyingValues,
+        patterns: Iterable[re.Pattern[str]],
+        extra_words: Iterable[str] = (),
+    ) -> None:
         values = sorted(found.text_values(), key=len, reverse=True)
         parts = [_loose(v) for v in values]
         self._values = re.compile("|".join(parts), re.IGNORECASE) if parts else None
         self._patterns = tuple(patterns)
+        self._vocabulary = coded_vocabulary() | {w.lower() for w in extra_words}
 
-    def clean(self, text: str) -> str:
-        """Return ``text`` with every identifying value replaced by ``[REMOVED]``."""
+    def clean(self, text: str) -> str | None:
+        """Return the cleaned text, or ``None`` when no known word is left."""
         if self._values is not None:
-            text = self._values.sub(REDACTED, text)
+            text = self._values.sub(_MARK, text)
         for pattern in self._patterns:
-            text = pattern.sub(REDACTED, text)
+            text = pattern.sub(_MARK, text)
+        known = 0
+
+        def word(match: re.Match[str]) -> str:
+            nonlocal known
+            token = match.group(0)
+            if len(token) <= _SHORT or token.lower() in self._vocabulary:
+                known += 1
+                return token
+            return _MARK
+
+        text = _WORD.sub(word, text)
+        if _MARK in text:
+            if not known:
+                return None
+            text = re.sub(f"{_MARK}+", REDACTED, text)
         return text
 
 

@@ -31,6 +31,7 @@ from gateway.deid.dummies import MAX_LENGTH, dummy_value, empty_value
 from gateway.deid.harvest import IDENTIFIER_CONCEPTS, concept_of, harvest
 from gateway.deid.iod import attribute_type, required_level
 from gateway.deid.keys import SecretKey
+from gateway.deid.overview import overview_redactor
 from gateway.deid.policy import has_pixel_data, image_flavor, judge
 from gateway.deid.profile import EXTRA_ACTIONS, Profile
 from gateway.deid.pseudonyms import PatientLookup, Pseudonymizer
@@ -98,7 +99,7 @@ class _Instance:
         self.explain = explain
         self.sop_class = str(dataset.get("SOPClassUID", ""))
         found = harvest(dataset)
-        self.cleaner = TextCleaner(found, engine.profile.clean_patterns)
+        self.cleaner = TextCleaner(found, engine.profile.clean_patterns, engine.profile.clean_vocabulary)
         self.patient_key = _patient_key(dataset)
         self.day_offset = engine.dates.offset_days(self.patient_key)
         self.subject: str | None = None
@@ -142,7 +143,7 @@ class Deidentifier:
         self.uids = UIDRemapper(key, profile.uid_root)
         self.pseudonyms = Pseudonymizer(key, patient_lookup)
         self.dates = DateShifter(key, *profile.date_shift_days)
-        self.redactor = redactor
+        self.redactor = redactor or overview_redactor(profile.pixels.ocr)
         self._table = confidentiality_table()
         self._row_actions = {id(row): self._row_action(row) for row in self._table.rows}
 
@@ -224,6 +225,10 @@ class Deidentifier:
         state: _Instance,
         content: str | None,
     ) -> None:
+        if content is None and "ValueType" in dataset:
+            # A content item outside any sequence Table E.1-1 names (e.g. Specimen
+            # Localization Content Item Sequence): its values are structured content.
+            content = "clean" if "clean_structured_content" in self.profile.options else "dummy"
         if content is not None and "TextValue" in dataset and concept_of(dataset) in IDENTIFIER_CONCEPTS:
             elem = dataset["TextValue"]
             elem.value = self.pseudonyms.specimen(str(elem.value))
@@ -285,7 +290,7 @@ class Deidentifier:
             for index, item in enumerate(elem.value or ()):
                 self._walk(item, (*path, keyword), f"{label}[{index}].", state, mode)
         elif action in _EXTRA:
-            self._extra(elem, action, decision.value, state)
+            self._extra(elem, action, decision.value, path, state)
         elif action == "K":
             # A kept private UID is still a UID: remapped unless Retain UIDs.
             if vr == "UI" and elem.tag.is_private and "retain_uids" not in self.profile.options:
@@ -298,7 +303,7 @@ class Deidentifier:
         elif action == "D":
             elem.value = dummy_value(vr)
         else:
-            self._clean(elem, state)
+            self._clean(elem, path, state)
 
     def _resolve(self, code: str, elem: DataElement, path: tuple[str, ...], state: _Instance) -> str:
         """Resolve a compound code from the attribute's Type; unknown Type takes
@@ -319,11 +324,20 @@ class Deidentifier:
             return "D"
         return "X"
 
-    def _clean(self, elem: DataElement, state: _Instance) -> None:
+    def _clean(self, elem: DataElement, path: tuple[str, ...], state: _Instance) -> None:
         vr = elem.VR
         if vr in _TEXT_VRS:
             limit = MAX_LENGTH.get(vr)
-            elem.value = self._map_values(elem.value, lambda v: _fit(state.cleaner.clean(v), limit))
+            values = elem.value if isinstance(elem.value, MultiValue | list) else [elem.value]
+            cleaned = [state.cleaner.clean(str(v)) for v in values if v is not None]
+            if any(c is None for c in cleaned):
+                # Not sure the text is clean: empty it as its Type allows.
+                action = self._resolve("Z/D", elem, path, state)
+                elem.value = dummy_value(vr) if action == "D" else empty_value(vr)
+                state.report.action_counts["C:emptied"] += 1
+            elif cleaned:
+                texts = [_fit(c, limit) for c in cleaned if c is not None]
+                elem.value = texts if len(texts) > 1 else texts[0]
         elif vr in _DATE_VRS:
             shift = DateShifter.shift_da if vr == "DA" else DateShifter.shift_dt
             elem.value = self._map_values(elem.value, lambda v: shift(v, state.day_offset) or dummy_value(vr))
@@ -336,7 +350,9 @@ class Deidentifier:
             elem.value = empty_value(vr)
         # Numbers, codes (CS), ages and attribute tags carry no free text: kept.
 
-    def _extra(self, elem: DataElement, action: str, value: str | None, state: _Instance) -> None:
+    def _extra(
+        self, elem: DataElement, action: str, value: str | None, path: tuple[str, ...], state: _Instance
+    ) -> None:
         vr = elem.VR
         if action == "replace":
             elem.value = value
@@ -345,7 +361,7 @@ class Deidentifier:
             elem.value = self._map_values(elem.value, lambda v: self.pseudonyms.hashed(v, length))
         elif action == "date_shift":
             if vr in _DATE_VRS:
-                self._clean(elem, state)
+                self._clean(elem, path, state)
         elif action == "pseudonym":
             elem.value = state.subject
         elif action in ("slide_pseudonym", "specimen_pseudonym"):
@@ -432,7 +448,7 @@ class Deidentifier:
                 Outcome.QUARANTINED, "unknown-attribute", "the instance holds attributes no rule addresses"
             )
         if verdict.redact is not None:
-            failure = self._redact(dataset, verdict.redact, (state.subject or "", slide))
+            failure = self.redactor(dataset, verdict.redact, (state.subject or "", slide))
             if failure is not None:
                 return report.stop(
                     Outcome.QUARANTINED, failure, "the OVERVIEW label area could not be redacted safely"
@@ -447,11 +463,6 @@ class Deidentifier:
         """De-identify the file ``src`` into ``dst``, streaming the pixel data
         (see :mod:`gateway.deid.stream`); ``dst`` exists only when passed."""
         return stream.deidentify_file(self, src, dst, explain=explain)
-
-    def _redact(self, dataset: Dataset, mode: str, ids: tuple[str, str]) -> str | None:
-        if self.redactor is None:
-            return "overview-redaction-unavailable"
-        return self.redactor(dataset, mode, ids)
 
     def _mark(self, dataset: Dataset) -> None:
         """Record what was done, as PS3.15 E.1.1 asks."""

@@ -86,6 +86,7 @@ class Profile:
     patient_lookup: Path | None = None
     patient_lookup_required: bool = False
     clean_patterns: tuple[re.Pattern[str], ...] = ()
+    clean_vocabulary: frozenset[str] = frozenset()
     pixels: PixelPolicy = field(default_factory=PixelPolicy)
     unknown_public: str = "remove"
 
@@ -302,7 +303,7 @@ def _settings(raw: dict[str, tuple[Any, str]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     known = {
         "uid_root", "date_shift_days", "patient_lookup", "patient_lookup_required",
-        "clean_patterns", "overview", "overview_keep_acknowledged", "burned_in", "ocr",
+        "clean_patterns", "clean_vocabulary", "overview", "overview_keep_acknowledged", "burned_in", "ocr",
         "unknown_attributes",
     }  # fmt: skip
     for key, (_, at) in raw.items():
@@ -330,6 +331,11 @@ def _settings(raw: dict[str, tuple[Any, str]]) -> dict[str, Any]:
         out["patient_lookup_required"] = _bool(item)
     if (item := get("clean_patterns")) is not None:
         out["clean_patterns"] = _patterns(item)
+    if (item := get("clean_vocabulary")) is not None:
+        words, at = item
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise ProfileError(f"{at}: clean_vocabulary must be a list of words")
+        out["clean_vocabulary"] = frozenset(w.strip().lower() for w in words)
     pixels: dict[str, Any] = {}
     if (item := get("overview")) is not None:
         pixels["overview"] = _choice(item, OVERVIEW_POLICIES)
