@@ -37,12 +37,14 @@ OCR
 ---
 See :mod:`gateway.ocr`. After re-encoding, the image that would be forwarded
 is decoded and read at all four right-angle rotations. Text "remains" when a
-word of at least :data:`MIN_WORD_CHARS` letters or digits is read with a
-confidence of at least :data:`MIN_SHORT_WORD_CONFIDENCE` (three or four
-characters) or :data:`MIN_WORD_CONFIDENCE` (five or more). Stained tissue
-makes tesseract "read" short words such as ``ies`` or ``tof`` at confidences
-up to about 60; printed label text of five or more characters is read at 65
-and above, short printed words at 85 and above. In ``replace`` mode the
+word of at least :data:`MIN_WORD_CHARS` letters or digits is read
+confidently enough, see :func:`_counts_as_text`. Stained tissue makes
+tesseract "read" short lower-case words (``tee``, ``cee``, ``ies``) at
+confidences up to the high 80s, and no longer words above about 25, while
+printed label text of five or more characters is read at 65 and above. Short
+words therefore count only when read at 90 or more, or at 60 or more when they
+look printed (a digit, or two capitals, as label print usually is).
+In ``replace`` mode the
 painted box is read upright on its own and may contain only fragments of the
 research identifiers; the rest of the image is read with the box zeroed.
 """
@@ -107,8 +109,12 @@ INK_GAP_SHARE: Final = 0.03
 PAPER_EDGE_DISTANCE: Final = 18.0
 
 MIN_WORD_CHARS: Final = 3
-MIN_SHORT_WORD_CONFIDENCE: Final = 70.0
+#: Confidence at which a word of five or more characters counts as text.
 MIN_WORD_CONFIDENCE: Final = 40.0
+#: Confidence at which a word of three or four characters counts as text ...
+MIN_SHORT_WORD_CONFIDENCE: Final = 90.0
+#: ... or, when it has a digit or two capitals, this one.
+MIN_PRINTED_SHORT_WORD_CONFIDENCE: Final = 60.0
 ALL_ROTATIONS: Final = (0, 90, 180, 270)
 
 #: Quality used when a JPEG baseline overview is re-encoded. The frame is
@@ -658,6 +664,8 @@ def _apply(ds: pydicom.Dataset, encoded: _Encoded, raw_bytes: int) -> None:
         ds.LossyImageCompressionRatio = [*ratios, f"{raw_bytes / compressed:.2f}"]
         ds.LossyImageCompressionMethod = [*methods, encoded.lossy_method]
     ds.BurnedInAnnotation = "NO"
+    if "SpecimenLabelInImage" in ds:
+        ds.SpecimenLabelInImage = "NO"
 
 
 def _as_list(value: object) -> list[object]:
@@ -719,13 +727,20 @@ def _normalise(text: str) -> str:
 
 
 def _significant(words: Sequence[OcrWord]) -> list[OcrWord]:
-    """Words that count as text: enough letters or digits, read with confidence."""
-    significant = []
-    for word in words:
-        chars = len(_normalise(word.text))
-        if chars < MIN_WORD_CHARS:
-            continue
-        threshold = MIN_SHORT_WORD_CONFIDENCE if chars < 5 else MIN_WORD_CONFIDENCE
-        if word.confidence >= threshold:
-            significant.append(word)
-    return significant
+    return [word for word in words if _counts_as_text(word)]
+
+
+def _counts_as_text(word: OcrWord) -> bool:
+    """Whether an OCR word is evidence of text rather than texture.
+
+    Thresholds from reading tissue-only and label images drawn at overview
+    resolution; see the module docstring.
+    """
+    chars = _normalise(word.text)
+    if len(chars) < MIN_WORD_CHARS:
+        return False
+    if len(chars) >= 5:
+        return word.confidence >= MIN_WORD_CONFIDENCE
+    printed = any(c.isdigit() for c in chars) or sum(c.isupper() for c in word.text) >= 2
+    threshold = MIN_PRINTED_SHORT_WORD_CONFIDENCE if printed else MIN_SHORT_WORD_CONFIDENCE
+    return word.confidence >= threshold

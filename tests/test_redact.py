@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -18,6 +19,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels.utils import pixel_array
 
+from gateway import synthetic
 from gateway.ocr import read_words
 from gateway.redact import LabelBox, RedactionReason, redact_overview
 
@@ -184,10 +186,10 @@ def test_blackout(transfer_syntax: str, side: str) -> None:
         assert float(ds.LossyImageCompressionRatio[1]) > 1
 
 
-def test_blackout_survives_a_file_round_trip(tmp_path: pytest.TempPathFactory) -> None:
+def test_blackout_survives_a_file_round_trip(tmp_path: Path) -> None:
     ds = make_dataset(draw_overview(), JPEG)
     assert redact_overview(ds, mode="blackout").ok
-    path = tmp_path / "overview.dcm"  # type: ignore[operator]
+    path = tmp_path / "overview.dcm"
     ds.save_as(path, enforce_file_format=True)
     again = pydicom.dcmread(path)
     assert again.file_meta.TransferSyntaxUID == JPEG
@@ -218,6 +220,25 @@ def test_geometry_gives_the_label_zone() -> None:
     assert box.right == WIDTH
     assert box.left <= WIDTH - 26 * 16
     assert planted_found(decoded(ds)) == []
+
+
+def test_synthetic_slide_overview(tmp_path: Path) -> None:
+    phi = synthetic.PlantedPHI.create(seed=7)
+    paths = synthetic.write_slide(tmp_path, phi, width=256, height=256, levels=1, label=False)
+    ds = pydicom.dcmread(next(p for p in paths if p.name == "overview.dcm"))
+    tokens = [t.upper() for t in phi.all_tokens() if len(t) >= 6]
+
+    def leaked() -> list[str]:
+        words = read_words(Image.fromarray(decoded(ds)), rotations=(0, 180))
+        text = " ".join(w.text.upper() for w in words)
+        return [t for t in tokens if t in text]
+
+    assert leaked()
+    result = redact_overview(ds, mode="blackout")
+    assert result.ok, (result.reason, result.detail)
+    assert result.method == "geometry"
+    assert ds.SpecimenLabelInImage == "NO"
+    assert leaked() == []
 
 
 def test_implausible_geometry_falls_back_to_the_image() -> None:
