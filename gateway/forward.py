@@ -1,0 +1,519 @@
+"""Forwarder workers: de-identify spooled instances and deliver them.
+
+Each worker takes a due spool entry, runs the route's engine into ``work/``,
+and delivers the output to every destination of the route not yet served,
+sending from file (``STORE_SEND_CHUNKED_DATASET``) in the instance's own
+transfer syntax over an association it keeps open per destination. A spool
+entry is removed only when every destination has answered Success; failures
+are retried with exponential back-off and, after the last attempt, the entry
+goes to quarantine.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydicom import dcmread
+from pydicom.uid import UID
+from pynetdicom import AE, build_context, evt
+from structlog.typing import FilteringBoundLogger
+
+from gateway import metrics
+from gateway.config import Config, DicomDestination, FolderDestination, Route
+from gateway.deid.report import DeidReport, Outcome
+from gateway.logs import get_logger
+from gateway.quarantine import Quarantine, Reason
+from gateway.receive import set_nodelay
+from gateway.spool import EntryInfo, Spool, fsync_dir
+
+
+def _log() -> FilteringBoundLogger:
+    """A logger built per call, so it follows the configuration made at start-up."""
+    return get_logger(logger=__name__)
+
+#: Unsent P-DATA held per association, in bytes; see :func:`_limit_send_queue`.
+SEND_QUEUE_BYTES = 16 * 2**20
+#: An association left unused this long is released (some archives, dcmtk's
+#: storescp among them, serve one association at a time).
+IDLE_RELEASE_SECONDS = 5.0
+#: How often the spool is rescanned for entries put back by ``quarantine release``.
+RESCAN_SECONDS = 5.0
+_MAX_CONTEXTS = 128
+
+
+class Engine(Protocol):
+    """What the forwarder needs of ``gateway.deid.Deidentifier``."""
+
+    def deidentify_file(self, src: Path, dst: Path) -> DeidReport: ...
+
+
+class SendError(Exception):
+    """A destination did not store the instance; the message is PHI-free."""
+
+
+class Scheduler:
+    """Spool entries waiting to be processed, each with the time it is due."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, str]] = []
+        self._known: set[str] = set()
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def add(self, entry_id: str, delay: float = 0.0) -> None:
+        with self._cond:
+            if entry_id in self._known:
+                return
+            self._known.add(entry_id)
+            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._seq), entry_id))
+            self._cond.notify()
+
+    def retry(self, entry_id: str, delay: float) -> None:
+        """Put back an entry a worker holds, due after ``delay`` seconds."""
+        with self._cond:
+            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._seq), entry_id))
+            self._cond.notify()
+
+    def finish(self, entry_id: str) -> None:
+        with self._cond:
+            self._known.discard(entry_id)
+
+    def take(self, timeout: float) -> str | None:
+        """The next due entry, or ``None`` after ``timeout`` seconds or on close."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                if self._heap and self._heap[0][0] <= now:
+                    return heapq.heappop(self._heap)[2]
+                wake = min(deadline, self._heap[0][0]) if self._heap else deadline
+                if wake <= now:
+                    return None
+                self._cond.wait(wake - now)
+            return None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._known)
+
+
+def _limit_send_queue(assoc: Any) -> None:
+    """Give the association's outgoing PDU queue back-pressure.
+
+    pynetdicom encodes a whole data set into P-DATA primitives up front and
+    queues them without limit, so a 1 GB instance would sit in memory while
+    the socket drains. This makes ``send_pdu`` wait while more than
+    :data:`SEND_QUEUE_BYTES` are queued, as long as the association lives.
+    """
+    dul = assoc.dul
+    pdu_size = assoc.acceptor.maximum_length or SEND_QUEUE_BYTES
+    limit = max(4, SEND_QUEUE_BYTES // pdu_size)
+    provider_queue: queue.Queue[Any] = dul.to_provider_queue
+    original = dul.send_pdu
+
+    def send_pdu(primitive: Any) -> None:
+        with provider_queue.not_full:
+            while provider_queue._qsize() >= limit and dul.is_alive() and not dul._kill_thread:
+                provider_queue.not_full.wait(0.5)
+        original(primitive)
+
+    dul.send_pdu = send_pdu
+
+
+def _client_ssl(dest: DicomDestination) -> tuple[ssl.SSLContext, str] | None:
+    if dest.tls is None:
+        return None
+    context = ssl.create_default_context(cafile=str(dest.tls.ca_file))
+    if dest.tls.cert_file is not None and dest.tls.key_file is not None:
+        context.load_cert_chain(dest.tls.cert_file, dest.tls.key_file)
+    return context, dest.host
+
+
+class DicomLink:
+    """The association to one DICOM destination, shared by the workers in turn.
+
+    Workers de-identify in parallel but send to a destination one at a time
+    over one kept association (``lock``), which suits archives that serve a
+    single association at a time and keeps instances in order.
+
+    Contexts are proposed one per (SOP class, transfer syntax) pair seen so far,
+    because chunked sending needs an exact transfer syntax match; a new pair
+    re-opens the association with the larger set.
+    """
+
+    def __init__(self, dest: DicomDestination, calling_ae_title: str, max_pdu: int) -> None:
+        self.dest = dest
+        self.ae = AE(ae_title=calling_ae_title)
+        self.ae.maximum_pdu_size = max_pdu
+        self.ae.acse_timeout = 30
+        self.ae.dimse_timeout = 300
+        self.ae.network_timeout = 300
+        self.assoc: Any = None
+        self.wanted: dict[tuple[str, str], None] = {}
+        self.last_used = time.monotonic()
+        self.lock = threading.Lock()
+
+    def _accepted(self) -> set[tuple[str, str]]:
+        return {
+            (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+            for cx in self.assoc.accepted_contexts
+        }
+
+    def _open(self) -> None:
+        self.close()
+        contexts = [build_context(sop, ts) for sop, ts in self.wanted]
+        self.assoc = self.ae.associate(
+            self.dest.host,
+            self.dest.port,
+            contexts=contexts,
+            ae_title=self.dest.ae_title,
+            evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+            tls_args=_client_ssl(self.dest),
+        )
+        if not self.assoc.is_established:
+            state = "rejected" if self.assoc.is_rejected else "failed"
+            self.assoc = None
+            raise SendError(f"association {state}")
+        _limit_send_queue(self.assoc)
+
+    def send(self, path: Path, sop_class_uid: str, transfer_syntax_uid: str) -> int:
+        """C-STORE ``path``; return the Success or Warning status or raise SendError."""
+        pair = (sop_class_uid, transfer_syntax_uid)
+        self.last_used = time.monotonic()
+        fresh = False
+        if pair not in self.wanted:
+            self.wanted[pair] = None
+            while len(self.wanted) > _MAX_CONTEXTS:
+                del self.wanted[next(iter(self.wanted))]
+        if self.assoc is None or not self.assoc.is_established or pair not in self._accepted():
+            self._open()
+            fresh = True
+        if pair not in self._accepted():
+            raise SendError("presentation context (transfer syntax) refused")
+        status = self.assoc.send_c_store(path)
+        if "Status" not in status and not fresh:
+            # A kept association the peer closed meanwhile: one immediate retry.
+            self._open()
+            if pair not in self._accepted():
+                raise SendError("presentation context (transfer syntax) refused")
+            status = self.assoc.send_c_store(path)
+        if "Status" not in status:
+            self.close()
+            raise SendError("no response (association lost or timed out)")
+        code = int(status.Status)
+        if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
+            return code
+        raise SendError(f"status 0x{code:04X}")
+
+    def close(self) -> None:
+        if self.assoc is not None:
+            if self.assoc.is_established:
+                self.assoc.release()
+            self.assoc = None
+
+
+def write_to_folder(dest: FolderDestination, path: Path) -> None:
+    """Place ``path`` at ``<folder>/<Study>/<Series>/<SOPInstance>.dcm`` atomically."""
+    ds = dcmread(
+        path,
+        stop_before_pixels=True,
+        specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
+    )
+    parts = []
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        value = str(ds.get(keyword, ""))
+        if not UID(value).is_valid:
+            raise SendError(f"{keyword} missing or not a valid UID")
+        parts.append(value)
+    directory = dest.folder.joinpath(*parts[:2])
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{parts[2]}.dcm"
+    tmp = directory / f".{parts[2]}.{threading.get_ident()}.tmp"
+    try:
+        with path.open("rb") as src, tmp.open("wb") as dst:
+            while chunk := src.read(4 * 2**20):
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        tmp.replace(target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SendError(f"folder write failed ({exc.strerror or type(exc).__name__})") from None
+    fsync_dir(directory)
+
+
+class Forwarder:
+    """The pool of worker threads draining the spool."""
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        quarantine: Quarantine,
+        engines: Mapping[str, Engine],
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.quarantine = quarantine
+        self.engines = engines
+        self.scheduler = Scheduler()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._routes = {route.name: route for route in config.routes}
+        self._links = {
+            dest.name: DicomLink(dest, config.listen.ae_title, config.listen.max_pdu)
+            for dest in config.destinations
+            if isinstance(dest, DicomDestination)
+        }
+
+    def start(self, pending: Iterable[str]) -> None:
+        for entry_id in pending:
+            self.scheduler.add(entry_id)
+        for index in range(self.config.forwarding.workers):
+            thread = threading.Thread(target=self._work, name=f"forward-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        rescan = threading.Thread(target=self._rescan, name="forward-rescan", daemon=True)
+        rescan.start()
+        self._threads.append(rescan)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.scheduler.close()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads.clear()
+        for link in self._links.values():
+            with link.lock:
+                link.close()
+
+    def submit(self, entry_id: str) -> None:
+        self.scheduler.add(entry_id)
+
+    def _rescan(self) -> None:
+        while not self._stop.wait(RESCAN_SECONDS):
+            for entry_id in self.spool.pending():
+                self.scheduler.add(entry_id)
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            entry_id = self.scheduler.take(timeout=1.0)
+            if entry_id is None:
+                self._release_idle()
+                continue
+            try:
+                self._process(entry_id)
+            except Exception as exc:
+                self._fail_internal(entry_id, exc)
+
+    def _release_idle(self) -> None:
+        now = time.monotonic()
+        for link in self._links.values():
+            if now - link.last_used > IDLE_RELEASE_SECONDS and link.lock.acquire(blocking=False):
+                try:
+                    link.close()
+                finally:
+                    link.lock.release()
+
+    def _fail_internal(self, entry_id: str, exc: Exception) -> None:
+        """An unexpected error: quarantine the entry, or keep it if even that fails."""
+        _log().error("forward.internal-error", reason="internal-error", error_type=type(exc).__name__)
+        try:
+            self._hold(entry_id, None, "internal-error", f"forwarder raised {type(exc).__name__}")
+        except Exception:
+            self.scheduler.retry(entry_id, self.config.forwarding.backoff_max)
+
+    def _hold(self, entry_id: str, info: EntryInfo | None, code: str, detail: str) -> None:
+        self.quarantine.hold(self.spool, entry_id, Reason(code, detail))
+        self.scheduler.finish(entry_id)
+        _log().warning(
+            "instance.quarantined",
+            outcome="quarantined",
+            reason=code,
+            sop_class=metrics.sop_class_label(info.sop_class_uid if info else None),
+        )
+
+    def _process(self, entry_id: str) -> None:
+        if not self.spool.path(entry_id).is_dir():
+            self.scheduler.finish(entry_id)  # purged or handled meanwhile
+            return
+        info = self.spool.info(entry_id)
+        route = self._routes.get(info.route)
+        if route is None:
+            self._hold(entry_id, info, "route-missing", "the route of this entry is not configured")
+            metrics.record_quarantined(
+                sop_class_uid=info.sop_class_uid, image_type=None, reason="route-missing"
+            )
+            return
+        output = self.spool.work / f"{entry_id}.dcm"
+        try:
+            started = time.monotonic()
+            try:
+                report = self.engines[route.name].deidentify_file(
+                    self.spool.instance(entry_id), output
+                )
+            except Exception as exc:
+                self._hold(
+                    entry_id,
+                    info,
+                    "internal-error",
+                    f"de-identification raised {type(exc).__name__}",
+                )
+                metrics.record_quarantined(
+                    sop_class_uid=info.sop_class_uid, image_type=None, reason="internal-error"
+                )
+                return
+            metrics.record_deidentified(
+                report.outcome.value,
+                sop_class_uid=info.sop_class_uid,
+                image_type=report.image_type,
+                reason=report.reason,
+                duration_seconds=time.monotonic() - started,
+            )
+            if report.outcome is Outcome.DROPPED:
+                self.spool.remove(entry_id)
+                self.scheduler.finish(entry_id)
+                _log().info(
+                    "instance.dropped",
+                    outcome="dropped",
+                    reason=report.reason,
+                    sop_class=metrics.sop_class_label(info.sop_class_uid),
+                )
+                return
+            if report.outcome is not Outcome.PASSED or not output.is_file():
+                self._hold(entry_id, info, report.reason or "internal-error", report.detail)
+                return
+            self._deliver(entry_id, info, route, output, report)
+        finally:
+            output.unlink(missing_ok=True)
+
+    def _send(self, name: str, output: Path, info: EntryInfo, transfer_syntax: str) -> None:
+        dest = self.config.destination(name)
+        if isinstance(dest, FolderDestination):
+            write_to_folder(dest, output)
+            return
+        link = self._links[name]
+        with link.lock:
+            link.send(output, info.sop_class_uid, transfer_syntax)
+
+    def _deliver(
+        self,
+        entry_id: str,
+        info: EntryInfo,
+        route: Route,
+        output: Path,
+        report: DeidReport,
+    ) -> None:
+        state = self.spool.state(entry_id)
+        transfer_syntax = report.transfer_syntax_uid or info.transfer_syntax_uid
+        size = output.stat().st_size
+        failures: list[str] = []
+        for name in route.destinations:
+            if name in state.delivered:
+                continue
+            started = time.monotonic()
+            try:
+                self._send(name, output, info, transfer_syntax)
+            except (SendError, OSError, RuntimeError, ValueError) as exc:
+                text = str(exc) if isinstance(exc, SendError) else type(exc).__name__
+                failures.append(f"{name}: {text}")
+                metrics.record_forward_attempt(
+                    name,
+                    success=False,
+                    duration_seconds=time.monotonic() - started,
+                    retry=state.attempts > 0,
+                )
+                _log().warning(
+                    "forward.failed",
+                    outcome="failure",
+                    destination=name,
+                    attempt=state.attempts + 1,
+                    sop_class=metrics.sop_class_label(info.sop_class_uid),
+                )
+                continue
+            metrics.record_forward_attempt(
+                name,
+                success=True,
+                duration_seconds=time.monotonic() - started,
+                sop_class_uid=info.sop_class_uid,
+                image_type=report.image_type,
+                size_bytes=size,
+                retry=state.attempts > 0,
+            )
+            state.delivered.append(name)
+            self.spool.save_state(entry_id, state)
+        if not failures:
+            self.spool.remove(entry_id)
+            self.scheduler.finish(entry_id)
+            _log().info(
+                "instance.delivered",
+                outcome="delivered",
+                count=len(route.destinations),
+                sop_class=metrics.sop_class_label(info.sop_class_uid),
+                size_bytes=size,
+            )
+            return
+        state.attempts += 1
+        state.last_error = "; ".join(failures)
+        self.spool.save_state(entry_id, state)
+        forwarding = self.config.forwarding
+        if state.attempts >= forwarding.max_attempts:
+            self._hold(
+                entry_id,
+                info,
+                "retries-exhausted",
+                f"{state.attempts} attempts, last: {state.last_error}",
+            )
+            metrics.record_quarantined(
+                sop_class_uid=info.sop_class_uid,
+                image_type=report.image_type,
+                reason="retries-exhausted",
+            )
+            return
+        delay = min(forwarding.backoff_initial * 2 ** (state.attempts - 1), forwarding.backoff_max)
+        _log().info(
+            "forward.retrying",
+            outcome="retrying",
+            attempt=state.attempts,
+            max_attempts=forwarding.max_attempts,
+            backoff_seconds=delay,
+        )
+        self.scheduler.retry(entry_id, delay)
+
+
+def echo(dest: DicomDestination, calling_ae_title: str) -> tuple[bool, str]:
+    """C-ECHO a destination; return success and a short description."""
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = 10
+    ae.network_timeout = 10
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(
+        dest.host,
+        dest.port,
+        ae_title=dest.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+        tls_args=_client_ssl(dest),
+    )
+    if not assoc.is_established:
+        return False, "association rejected" if assoc.is_rejected else "association failed"
+    status = assoc.send_c_echo()
+    assoc.release()
+    if "Status" not in status:
+        return False, "no response"
+    code = int(status.Status)
+    return code == 0, f"status 0x{code:04X}"

@@ -1,0 +1,107 @@
+"""The network node: spool, quarantine, forwarder and receiver wired together.
+
+Start-up order matters for durability: the spool is recovered and every
+pending entry handed to the forwarder before the receiver accepts the first
+association, so work acknowledged before a crash is resumed first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from structlog.typing import FilteringBoundLogger
+
+from gateway import __version__, metrics
+from gateway.config import Config, ConfigError
+from gateway.deid.engine import Deidentifier
+from gateway.deid.keys import KeyLoadError, generate_key_file, load_key
+from gateway.deid.profile import ProfileError, load_profile
+from gateway.forward import Engine, Forwarder
+from gateway.health import HealthServer, writable_directory_check
+from gateway.logs import get_logger
+from gateway.quarantine import Quarantine
+from gateway.receive import Receiver, configure_pynetdicom
+from gateway.spool import Spool
+
+
+def _log() -> FilteringBoundLogger:
+    """A logger built per call, so it follows the configuration made at start-up."""
+    return get_logger(logger=__name__)
+
+
+def build_engines(config: Config) -> dict[str, Engine]:
+    """One compiled engine per route; errors name the configuration key."""
+    if config.generate_key and not config.key_file.exists():
+        generate_key_file(config.key_file)
+        _log().info("key.generated")
+    engines: dict[str, Engine] = {}
+    for index, route in enumerate(config.routes):
+        try:
+            profile = load_profile(route.profile)
+        except (ProfileError, OSError) as exc:
+            raise ConfigError(f"routes[{index}].profile: {exc}") from None
+        try:
+            key = load_key(route.key_file)
+        except KeyLoadError as exc:
+            raise ConfigError(f"routes[{index}].key_file: {exc}") from None
+        engines[route.name] = Deidentifier(profile, key)
+    return engines
+
+
+class Node:
+    """A running gateway. ``start`` returns the bound DICOM address."""
+
+    def __init__(self, config: Config, engines: Mapping[str, Engine] | None = None) -> None:
+        self.config = config
+        self.engines = dict(engines) if engines is not None else build_engines(config)
+        self.spool = Spool(config.spool_dir, config.limits.min_free_bytes)
+        self.quarantine = Quarantine(config.quarantine_dir)
+        self.forwarder = Forwarder(config, self.spool, self.quarantine, self.engines)
+        self.receiver = Receiver(config, self.spool, self.forwarder.submit)
+        self.health: HealthServer | None = None
+        self.address: tuple[str, int] | None = None
+
+    def _oldest_age(self) -> float:
+        ages = [time.time() - path.stat().st_mtime for path in self.spool.ready.iterdir()]
+        return max(ages, default=0.0)
+
+    def start(self) -> tuple[str, int]:
+        pending = self.spool.open()
+        self.quarantine.open()
+        for dest in self.config.destinations:
+            folder = getattr(dest, "folder", None)
+            if isinstance(folder, Path):
+                folder.mkdir(parents=True, exist_ok=True)
+        configure_pynetdicom(self.spool.incoming)
+        metrics.register_destinations(d.name for d in self.config.destinations)
+        metrics.watch_spool(lambda: float(len(self.spool.pending())), self._oldest_age)
+        metrics.watch_quarantine(lambda: float(len(self.quarantine.ids())))
+        if self.config.metrics is not None:
+            self.health = HealthServer(self.config.metrics.host, self.config.metrics.port)
+            self.health.add_check("spool-writable", writable_directory_check(self.spool.root))
+            self.health.start()
+        self.forwarder.start(pending)
+        self.address = self.receiver.start()
+        _log().info(
+            "node.started",
+            version=__version__,
+            host=self.address[0],
+            port=self.address[1],
+            recovered=len(pending),
+        )
+        return self.address
+
+    def stop(self) -> None:
+        """Stop accepting, let workers finish their current instance, close peers."""
+        self.receiver.stop()
+        self.forwarder.stop()
+        if self.health is not None:
+            self.health.stop()
+            self.health = None
+        _log().info("node.stopped")
+
+    def idle(self) -> bool:
+        """True when nothing is waiting in the spool."""
+        return not self.spool.pending()

@@ -1,0 +1,262 @@
+"""The network edge: association policy, C-ECHO and C-STORE into the spool.
+
+pynetdicom is run with ``STORE_RECV_CHUNKED_DATASET``: it streams each C-STORE
+data set into a Part-10 file (128-byte preamble, ``DICM``, File Meta built from
+the command set and the accepted transfer syntax, then the data set exactly as
+received) and hands the C-STORE handler its path. The handler moves that file
+into the spool and answers Success only once the entry is durable;
+pynetdicom's own clean-up afterwards finds nothing left to delete.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from tempfile import NamedTemporaryFile
+from typing import Any
+
+from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.association import Association
+from structlog.typing import FilteringBoundLogger
+
+from gateway import metrics
+from gateway.config import Config
+from gateway.logs import get_logger
+from gateway.spool import EntryInfo, Spool, SpoolFullError
+
+
+def _log() -> FilteringBoundLogger:
+    """A logger built per call, so it follows the configuration made at start-up."""
+    return get_logger(logger=__name__)
+
+STATUS_SUCCESS = 0x0000
+#: Refused, Out of Resources: the spool is full or below its free-space floor.
+STATUS_OUT_OF_RESOURCES = 0xA700
+#: Refused, Out of Resources: the instance is larger than ``limits.max_instance_bytes``.
+STATUS_TOO_LARGE = 0xA701
+#: Refused, Not Authorized (PS3.7 C.5): no route for this caller and SOP class.
+STATUS_NOT_AUTHORIZED = 0x0124
+#: Error, Cannot Understand: the handler failed for a reason other than space.
+STATUS_CANNOT_PROCESS = 0xC211
+
+
+def configure_pynetdicom(incoming: Path) -> None:
+    """Process-wide pynetdicom settings the node relies on.
+
+    Received data sets are written to ``incoming`` (inside the spool) so that
+    admitting them is a rename on one file system, and leftovers of aborted
+    associations are found and removed at the next start. pynetdicom logging
+    of identifiers is switched off: they are UIDs from the data.
+    """
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    setattr(  # noqa: B010 - replaces a module attribute of pynetdicom
+        dimse_messages,
+        "NamedTemporaryFile",
+        partial(NamedTemporaryFile, dir=incoming, prefix="recv-"),
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def set_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler: disable Nagle on the association's socket.
+
+    pynetdicom never sets TCP_NODELAY; without it every small C-STORE response
+    waits for the peer's delayed ACK (about 40 ms).
+    """
+    sock = event.assoc.dul.socket
+    raw = getattr(sock, "socket", None) if sock is not None else None
+    if raw is not None:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _PolicyACSE(ACSE):
+    """ACSE that rejects callers not on the allowlist before any negotiation.
+
+    pynetdicom only checks calling AE titles, not (AE title, address) pairs,
+    so the check runs here, where the A-ASSOCIATE-RQ is first known.
+    """
+
+    def __init__(
+        self,
+        assoc: Association,
+        permits: Callable[[str, str], bool],
+        ae_known: Callable[[str], bool],
+    ) -> None:
+        super().__init__(assoc)
+        self._permits = permits
+        self._ae_known = ae_known
+
+    def _reason(self, calling: str, address: str) -> str:
+        return "host-not-allowed" if self._ae_known(calling) else "calling-ae-not-allowed"
+
+    def _negotiate_as_acceptor(self) -> None:
+        request = self.requestor.primitive
+        calling = str(request.calling_ae_title).strip() if request is not None else ""
+        address = self.assoc.requestor.address
+        if not self._permits(calling, address):
+            _log().warning(
+                "association.rejected",
+                outcome="rejected",
+                calling_ae=calling,
+                peer=address,
+                reason="caller-not-allowed",
+            )
+            metrics.record_association_rejected(self._reason(calling, address))
+            # Rejected permanent, by the service user, calling AE title not recognised
+            self.send_reject(0x01, 0x01, 0x03)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        super()._negotiate_as_acceptor()
+
+
+def server_ssl_context(config: Config) -> ssl.SSLContext | None:
+    if config.tls is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls.cert_file, config.tls.key_file)
+    if config.tls.client_ca_file is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(config.tls.client_ca_file)
+    return context
+
+
+class Receiver:
+    """The SCP: handlers bound to a pynetdicom AE, feeding the spool."""
+
+    def __init__(self, config: Config, spool: Spool, on_admitted: Callable[[str], None]) -> None:
+        self.config = config
+        self.spool = spool
+        self.on_admitted = on_admitted
+        self.ae = AE(ae_title=config.listen.ae_title)
+        self.ae.maximum_associations = config.limits.max_associations
+        self.ae.maximum_pdu_size = config.listen.max_pdu
+        self.ae.network_timeout = 120
+        self.ae.dimse_timeout = 120
+        self.ae.require_called_aet = True
+        for uid in config.sop_classes:
+            self.ae.add_supported_context(uid, list(config.transfer_syntaxes))
+        self.ae.add_supported_context("1.2.840.10008.1.1")  # Verification
+        self._server: Any = None
+
+    def permits(self, ae_title: str, address: str) -> bool:
+        return any(c.permits(ae_title, address) for c in self.config.allowed_callers)
+
+    def ae_known(self, ae_title: str) -> bool:
+        return any(c.ae_title in ("*", ae_title) for c in self.config.allowed_callers)
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        set_nodelay(event)
+        if event.assoc.is_acceptor:
+            event.assoc.acse = _PolicyACSE(event.assoc, self.permits, self.ae_known)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        metrics.record_association_accepted()
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        if len(self.ae.active_associations) > self.ae.maximum_associations:
+            _log().warning("association.rejected", outcome="rejected", reason="too-many-associations")
+            metrics.record_association_rejected("too-many-associations")
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int:
+        """Admit one instance to the spool; the status tells the sender what happened."""
+        calling = str(event.assoc.requestor.ae_title).strip()
+        sop_class_uid = str(event.request.AffectedSOPClassUID)
+        received = Path(event.dataset_path)
+        try:
+            size = received.stat().st_size
+            if size > self.config.limits.max_instance_bytes:
+                received.unlink(missing_ok=True)
+                self._refused(calling, sop_class_uid, "instance-too-large", STATUS_TOO_LARGE)
+                return STATUS_TOO_LARGE
+            route = self.config.route_for(calling, sop_class_uid)
+            if route is None:
+                received.unlink(missing_ok=True)
+                self._refused(calling, sop_class_uid, "no-route", STATUS_NOT_AUTHORIZED)
+                return STATUS_NOT_AUTHORIZED
+            info = EntryInfo(
+                calling_ae_title=calling,
+                sop_class_uid=sop_class_uid,
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                route=route.name,
+                size=size,
+            )
+            entry_id = self.spool.admit(received, info)
+        except SpoolFullError:
+            self._refused(calling, sop_class_uid, "spool-full", STATUS_OUT_OF_RESOURCES)
+            return STATUS_OUT_OF_RESOURCES
+        except OSError as exc:
+            received.unlink(missing_ok=True)
+            self._refused(
+                calling, sop_class_uid, "spool-write-failed", STATUS_OUT_OF_RESOURCES, exc
+            )
+            return STATUS_OUT_OF_RESOURCES
+        except Exception as exc:  # never let a handler error become a crash or a Success
+            received.unlink(missing_ok=True)
+            self._refused(calling, sop_class_uid, "internal-error", STATUS_CANNOT_PROCESS, exc)
+            return STATUS_CANNOT_PROCESS
+        metrics.record_received(sop_class_uid, size)
+        _log().info(
+            "instance.received",
+            outcome="accepted",
+            calling_ae=calling,
+            sop_class=metrics.sop_class_label(sop_class_uid),
+            size_bytes=size,
+        )
+        self.on_admitted(entry_id)
+        return STATUS_SUCCESS
+
+    @staticmethod
+    def _refused(
+        calling: str,
+        sop_class_uid: str,
+        reason: str,
+        status: int,
+        exc: Exception | None = None,
+    ) -> None:
+        fields: dict[str, object] = {"error_type": type(exc).__name__} if exc else {}
+        _log().warning(
+            "instance.refused",
+            outcome="rejected",
+            calling_ae=calling,
+            sop_class=metrics.sop_class_label(sop_class_uid),
+            reason=reason,
+            status=status,
+            **fields,
+        )
+
+    def start(self) -> tuple[str, int]:
+        """Start listening in the background; return the bound address."""
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        self._server = self.ae.start_server(
+            (self.config.listen.host, self.config.listen.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=server_ssl_context(self.config),
+        )
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.ae.shutdown()
