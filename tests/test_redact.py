@@ -264,6 +264,37 @@ def test_replace_shows_only_the_research_ids(transfer_syntax: str) -> None:
         assert research_id in text
 
 
+@pytest.mark.parametrize(
+    ("transfer_syntax", "photometric"),
+    [
+        (dcm_uid.JPEG2000Lossless, "YBR_RCT"),
+        (dcm_uid.JPEG2000, "YBR_ICT"),
+        (dcm_uid.RLELossless, "RGB"),
+    ],
+)
+def test_other_families_are_reencoded_losslessly(transfer_syntax: str, photometric: str) -> None:
+    pixels = draw_overview()
+    ds = make_dataset(pixels, NATIVE)
+    if transfer_syntax in (dcm_uid.JPEG2000Lossless, dcm_uid.JPEG2000):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG2000", no_jp2=True, irreversible=False, mct=1)
+        ds.PixelData = encapsulate([buffer.getvalue()])
+        ds["PixelData"].is_undefined_length = True
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+        ds.PhotometricInterpretation = photometric
+    else:
+        ds.compress(transfer_syntax, pixels, encoding_plugin="pydicom")
+    result = redact_overview(ds, mode="blackout", ocr=False)
+    assert result.ok, (result.reason, result.detail)
+    box = result.label_box
+    assert box is not None
+    assert ds.file_meta.TransferSyntaxUID == transfer_syntax
+    after = decoded(ds)
+    assert not region(after, box).any()
+    assert np.array_equal(after[outside_mask(box)], pixels[outside_mask(box)])
+    assert "LossyImageCompressionMethod" not in ds
+
+
 def test_no_label_is_refused_and_left_untouched() -> None:
     ds = make_dataset(draw_overview(label=None), NATIVE)
     original = ds.PixelData
