@@ -158,6 +158,8 @@ class Deidentifier:
 
     def _decide_public(self, elem: DataElement, content: str | None) -> _Decision:
         tag = int(elem.tag)
+        if (tag >> 16) in (0x0000, 0x0002):
+            return _Decision("X", "command or file meta element inside the dataset: removed")
         rule = self.profile.rules.get(tag)
         if rule is not None:
             return _Decision(rule.action, f"profile {rule.source}: {rule.why}", rule.value)
@@ -326,7 +328,7 @@ class Deidentifier:
 
     def _clean(self, elem: DataElement, path: tuple[str, ...], state: _Instance) -> None:
         vr = elem.VR
-        if vr in _TEXT_VRS:
+        if vr in _TEXT_VRS or vr == "CS":
             limit = MAX_LENGTH.get(vr)
             values = elem.value if isinstance(elem.value, MultiValue | list) else [elem.value]
             cleaned = [state.cleaner.clean(str(v)) for v in values if v is not None]
@@ -348,7 +350,7 @@ class Deidentifier:
             elem.value = dummy_value(vr)
         elif vr in _BINARY_VRS:
             elem.value = empty_value(vr)
-        # Numbers, codes (CS), ages and attribute tags carry no free text: kept.
+        # Numbers, ages and attribute tags carry no free text: kept.
 
     def _extra(
         self, elem: DataElement, action: str, value: str | None, path: tuple[str, ...], state: _Instance

@@ -81,7 +81,15 @@ def deidentify_file(
                 dataset = pydicom.dcmread(fp, force=True)
                 report = deid.deidentify(dataset, explain=explain)
                 if report.outcome is Outcome.PASSED:
-                    _write_whole(dataset, syntax, dst)
+                    try:
+                        _write_whole(dataset, syntax, dst)
+                    except (OSError, ValueError, TypeError, struct.error) as exc:
+                        _temporary(dst).unlink(missing_ok=True)
+                        return report.stop(
+                            Outcome.QUARANTINED,
+                            "rewrite-failed",
+                            f"the de-identified instance could not be written ({type(exc).__name__})",
+                        )
                 return report
             pixel_end, pixel_tag = _pixel_extent(fp, pixel_start, size, syntax)
             if pixel_end < size:
@@ -105,7 +113,15 @@ def deidentify_file(
         )
     report = deid.deidentify(header, has_pixels=pixel_tag is not None, explain=explain)
     if report.outcome is Outcome.PASSED:
-        _write_streamed(header, syntax, src, (pixel_start, pixel_end), pixel_tag, dst)
+        try:
+            _write_streamed(header, syntax, src, (pixel_start, pixel_end), pixel_tag, dst)
+        except (OSError, ValueError, TypeError, struct.error, MalformedError) as exc:
+            _temporary(dst).unlink(missing_ok=True)
+            return report.stop(
+                Outcome.QUARANTINED,
+                "rewrite-failed",
+                f"the de-identified instance could not be written ({type(exc).__name__})",
+            )
     return report
 
 
