@@ -1,0 +1,104 @@
+"""The node in-process: refusals at the edge, folder archive, embedded defaults."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from pydicom import dcmread
+from pynetdicom import AE
+
+from gateway.config import DEFAULT_CONFIG_YAML, parse_config
+from gateway.node import Node
+from gateway.receive import STATUS_NOT_AUTHORIZED, STATUS_OUT_OF_RESOURCES, STATUS_TOO_LARGE
+from gateway.synthetic import PlantedPHI, write_secondary_capture, write_slide, write_sr
+
+SR = "1.2.840.10008.5.1.4.1.1.88.33"
+SC = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def send(port: int, path: Path, calling: str = "SCANNER") -> tuple[bool, int | None]:
+    """C-STORE one file; (association accepted, status or None)."""
+    ds = dcmread(path, stop_before_pixels=True)
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DEID_GATEWAY")
+    if not assoc.is_established:
+        return False, None
+    status = assoc.send_c_store(path)
+    assoc.release()
+    return True, int(status.Status) if "Status" in status else None
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("edge")
+    phi = PlantedPHI.create(3)
+    slide = write_slide(root / "slide", phi, slide_number=1)
+    return {
+        "sr": write_sr(root / "sr.dcm", phi, slide[0]),
+        "sc": write_secondary_capture(root / "sc.dcm", phi, False),
+    }
+
+
+@pytest.fixture
+def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
+    """The embedded defaults, on a free port, with tighter limits and one SR-only route."""
+    monkeypatch.chdir(tmp_path)
+    data = yaml.safe_load(DEFAULT_CONFIG_YAML)
+    data["listen"]["port"] = 0
+    data["allowed_callers"][0]["ae_title"] = "SCANNER"
+    data["limits"] = {"max_instance_bytes": 100_000}
+    data["routes"] = [{"calling_ae_title": "SCANNER", "sop_classes": [SR, SC]}]
+    running = Node(parse_config(data, tmp_path, generate_key=True))
+    running.start()
+    yield running
+    running.stop()
+
+
+def wait_idle(node: Node, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not node.idle():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_defaults_generate_a_private_key_and_archive_to_a_folder(
+    node: Node, files: dict[str, Path], tmp_path: Path
+) -> None:
+    key = tmp_path / "gateway-data" / "gateway.key"
+    assert key.is_file()
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert node.address is not None
+    assert send(node.address[1], files["sr"]) == (True, 0)
+    wait_idle(node)
+    archived = list((tmp_path / "gateway-data" / "archive").rglob("*.dcm"))
+    assert len(archived) == 1
+    ds = dcmread(archived[0])
+    study, series, name = archived[0].relative_to(tmp_path / "gateway-data" / "archive").parts
+    assert (study, series, name) == (ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                     f"{ds.SOPInstanceUID}.dcm")
+    assert ds.SOPInstanceUID != dcmread(files["sr"]).SOPInstanceUID
+
+
+def test_edge_refusals_leave_nothing_behind(node: Node, files: dict[str, Path]) -> None:
+    assert node.address is not None
+    port = node.address[1]
+    assert files["sc"].stat().st_size > 100_000
+    assert send(port, files["sc"]) == (True, STATUS_TOO_LARGE)
+    assert send(port, files["sr"], calling="INTRUDER") == (False, None)
+    node.spool.min_free_bytes = 2**62
+    assert send(port, files["sr"]) == (True, STATUS_OUT_OF_RESOURCES)
+    node.spool.min_free_bytes = 0
+    assert node.idle()
+    assert list(node.spool.incoming.iterdir()) == []
+
+
+def test_no_route_is_not_authorized(node: Node, files: dict[str, Path]) -> None:
+    slide = sorted((files["sr"].parent / "slide").glob("level*.dcm"))[-1]
+    assert node.address is not None
+    assert send(node.address[1], slide) == (True, STATUS_NOT_AUTHORIZED)
+    assert node.idle()
