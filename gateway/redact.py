@@ -228,7 +228,7 @@ def redact_overview(
     try:
         transfer_syntax, family = _check_instance(ds)
         original = _decode(ds)
-        box, method = locate_label(ds, original)
+        box, method = _locate_label(ds, original)
         if family == "jpeg-baseline":
             box = _align_to_mcu(box, original.shape[1], original.shape[0])
         painted = original.copy()
@@ -310,7 +310,7 @@ def _decode(ds: pydicom.Dataset) -> Pixels:
 # -- finding the label ------------------------------------------------------
 
 
-def locate_label(ds: pydicom.Dataset, pixels: Pixels) -> tuple[LabelBox, Method]:
+def _locate_label(ds: pydicom.Dataset, pixels: Pixels) -> tuple[LabelBox, Method]:
     """Return the label box of a decoded overview and how it was found.
 
     Raises ``_RefusalError`` (``label-area-not-found``) when no end of the slide is
