@@ -11,8 +11,9 @@ Three passes, most specific first:
    be descriptive, that is a word of the meaning of a code in the DICOM
    content mapping resource (SNOMED CT, DCM and the other coding schemes
    pydicom ships: about 8,800 words of pathology, anatomy and procedure, and
-   no given names or surnames), a word the profile adds, or a token of at
-   most two letters. Any other word is removed, since it may be a name.
+   no given names or surnames), a word the profile adds, or an inflected
+   form of one (``stained``, ``sections``), or a token of at most two
+   letters. Any other word is removed, since it may be a name.
 
 Text of which no known word is left is reported as not cleanable, and the
 caller empties the element as its Type allows.
@@ -61,6 +62,9 @@ class TextCleaner:
         self._patterns = tuple(patterns)
         self._vocabulary = coded_vocabulary() | {w.lower() for w in extra_words}
 
+    def _known(self, word: str) -> bool:
+        return any(stem in self._vocabulary for stem in _stems(word))
+
     def clean(self, text: str) -> str | None:
         """Return the cleaned text, or ``None`` when no known word is left."""
         if self._values is not None:
@@ -72,7 +76,7 @@ class TextCleaner:
         def word(match: re.Match[str]) -> str:
             nonlocal known
             token = match.group(0)
-            if len(token) <= _SHORT or token.lower() in self._vocabulary:
+            if len(token) <= _SHORT or self._known(token.lower()):
                 known += 1
                 return token
             return _MARK
@@ -83,6 +87,21 @@ class TextCleaner:
                 return None
             text = re.sub(f"{_MARK}+", REDACTED, text)
         return text
+
+
+_SUFFIXES = ("s", "es", "ed", "d", "ing", "ly")
+
+
+def _stems(word: str) -> Iterable[str]:
+    """The word and its forms without a common English inflection."""
+    yield word
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            stem = word[: -len(suffix)]
+            yield stem
+            yield stem + "e"
+            if len(stem) > 3 and stem[-1] == stem[-2]:
+                yield stem[:-1]  # embedded -> embed
 
 
 def _loose(value: str) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom.datadict import dictionary_has_tag
+from pydicom.datadict import dictionary_has_tag, repeater_has_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -181,7 +181,7 @@ class Deidentifier:
             return self._dates_override(elem, _Decision("X/Z/D", "not in Table E.1-1: a date"))
         if vr == "PN":
             return _Decision("X/Z/D", "not in Table E.1-1: a person's name")
-        if not dictionary_has_tag(tag):
+        if not (dictionary_has_tag(tag) or repeater_has_tag(tag)):
             return _Decision(
                 "?unknown",
                 f"not a standard attribute: unknown_attributes {self.profile.unknown_public}",
