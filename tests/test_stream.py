@@ -251,7 +251,8 @@ def _cut_meta(data: bytes) -> tuple[int, bytes]:
     return 144 + meta_length, data[: 144 + meta_length]
 
 
-def _malformed(kind: str, valid_jpeg: Path, valid_native: Path) -> bytes:
+def _malformed(kind: str, inputs: dict[str, Path], scratch: Path) -> bytes:
+    valid_jpeg, valid_native = inputs["jpeg-basic-offset-table"], inputs["explicit-vr"]
     data = valid_jpeg.read_bytes()
     pixel = pixel_element(valid_jpeg)
     if kind == "non-dicom":
@@ -284,6 +285,14 @@ def _malformed(kind: str, valid_jpeg: Path, valid_native: Path) -> bytes:
         buffer = BytesIO()
         write_file_meta_info(buffer, meta, enforce_standard=False)
         return data[:128] + b"DICM" + buffer.getvalue() + data[dataset_start:]
+    if kind == "truncated-deflated":
+        deflated = inputs["deflated"].read_bytes()
+        return deflated[: len(deflated) // 2]
+    if kind == "truncated-after-pixel-data":
+        study_uid = str(pydicom.dcmread(valid_jpeg, stop_before_pixels=True).StudyInstanceUID)
+        trailing = _with_trailing_elements(valid_jpeg, scratch / "trailing.dcm", study_uid)
+        whole = trailing.read_bytes()
+        return whole[: (pixel.end + len(whole)) // 2]
     if kind == "truncated-native-pixel-data":
         native = valid_native.read_bytes()
         element = pixel_element(valid_native)
@@ -292,10 +301,17 @@ def _malformed(kind: str, valid_jpeg: Path, valid_native: Path) -> bytes:
 
 
 TRUNCATED_HEADER_BUG = (
-    "engine bug: a header cut short is read lazily by pydicom (force=True) and only decoded "
+    "engine bug: a header (or the elements after the pixel data) cut short is read lazily by "
+    "pydicom (force=True) and only decoded "
     "inside Deidentifier.deidentify, outside stream.deidentify_file's error handling: most cut "
     "points give PASSED with an instance that lost its tail and its pixel data, others raise "
     "struct.error/OSError/BytesLengthException instead of QUARANTINED 'unreadable'"
+)
+
+TRUNCATED_DEFLATE_BUG = (
+    "engine bug: a truncated deflated file makes pydicom raise zlib.error, which "
+    "stream.deidentify_file does not catch: deidentify_file raises instead of returning "
+    "QUARANTINED 'unreadable'"
 )
 
 MALFORMED = [
@@ -308,6 +324,10 @@ MALFORMED = [
     "item-tag-corrupted",
     "missing-transfer-syntax",
     "truncated-native-pixel-data",
+    pytest.param(
+        "truncated-after-pixel-data", marks=pytest.mark.xfail(strict=True, reason=TRUNCATED_HEADER_BUG)
+    ),
+    pytest.param("truncated-deflated", marks=pytest.mark.xfail(strict=True, reason=TRUNCATED_DEFLATE_BUG)),
 ]
 
 
@@ -317,7 +337,7 @@ def test_malformed_input_is_quarantined_unreadable_and_nothing_is_written(
 ) -> None:
     src = tmp_path / "in" / "broken.dcm"
     src.parent.mkdir()
-    src.write_bytes(_malformed(kind, inputs["jpeg-basic-offset-table"], inputs["explicit-vr"]))
+    src.write_bytes(_malformed(kind, inputs, tmp_path))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     report = deid.deidentify_file(src, out_dir / "broken.dcm")
