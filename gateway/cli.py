@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.commands import audit, deidentify, echo, explain, quarantine, serve
+from gateway.commands import audit, deidentify, demo_data, echo, explain, quarantine, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (deidentify, explain, audit, serve, quarantine, echo):
+    for module in (deidentify, explain, demo_data, serve, quarantine, echo, audit):
         module.register(subparsers)
     return parser
 
