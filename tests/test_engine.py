@@ -109,7 +109,7 @@ def test_secondary_capture_marked_no_passes() -> None:
 
 def _private(ds: Dataset) -> None:
     ds.add_new(0x00090010, "LO", "ACME 1.0")
-    ds.add_new(0x00091001, "LO", "Quintavalle secret")
+    ds.add_new(0x00091001, "LO", "calibration seven")
     ds.add_new(0x00091002, "UI", "1.3.6.1.4.1.99999.9")
     inner = Dataset()
     inner.add_new(0x00110010, "LO", "ACME 1.0")
@@ -137,7 +137,7 @@ def test_private_elements_removed_unless_safe_or_kept(tmp_path: Path) -> None:
     assert research[(group << 16) | 0x0010].value == creator
     profile = _profile(tmp_path, "extends: basic\nprivate:\n  keep_creators: [ACME 1.0]\n")
     acme = run(_with(_private), profile)
-    assert acme[0x00091001].value == "Quintavalle secret"
+    assert acme[0x00091001].value == "calibration seven"
     assert acme[0x00091002].value != "1.3.6.1.4.1.99999.9"  # a kept private UID is still remapped
     assert acme[0x00091003].value[0][0x00111001].value == "nested secret"
 
@@ -310,4 +310,8 @@ def test_unknown_public_attributes(tmp_path: Path) -> None:
     profile = _profile(tmp_path, "extends: research\nsettings:\n  unknown_attributes: quarantine\n")
     report = Deidentifier(profile, KEY).deidentify(_with(planted))
     assert (report.outcome, report.reason) == (Outcome.QUARANTINED, "unknown-attribute")
-    assert report.unaddressed == ["(0022,1234)"]
+    assert "(0022,1234)" in report.unaddressed
+    assert "Rows" not in report.unaddressed  # not present in this instance
+    assert "ImageType" in report.unaddressed  # standard, not in Table E.1-1: listed, kept
+    strict = _profile(tmp_path, "extends: research\nsettings:\n  unknown_standard_attributes: remove\n")
+    assert "ImageType" not in run(_with(), strict)

@@ -10,6 +10,7 @@ key and the original value, so they agree across instances and replicas.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from gateway.deid.standard import (
     safe_private_attributes,
 )
 from gateway.deid.uids import UIDRemapper
+from gateway.deid.verify import OutputScanner
 
 _TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UT", "UC"})
 _DATE_VRS = frozenset({"DA", "DT"})
@@ -98,11 +100,14 @@ class _Instance:
         self.report = report
         self.explain = explain
         self.sop_class = str(dataset.get("SOPClassUID", ""))
-        found = harvest(dataset)
+        self.found = harvest(dataset)
+        found = self.found
         self.cleaner = TextCleaner(found, engine.profile.clean_patterns, engine.profile.clean_vocabulary)
         self.patient_key = _patient_key(dataset)
         self.day_offset = engine.dates.offset_days(self.patient_key)
         self.subject: str | None = None
+        self.unaddressed: set[str] = set()
+        self.quarantine_unaddressed = False
 
 
 def _patient_key(dataset: Dataset) -> str:
@@ -184,9 +189,13 @@ class Deidentifier:
         if not (dictionary_has_tag(tag) or repeater_has_tag(tag)):
             return _Decision(
                 "?unknown",
-                f"not a standard attribute: unknown_attributes {self.profile.unknown_public}",
+                f"not a standard attribute: unknown_attributes {self.profile.unknown_attributes}",
             )
-        return _Decision("K", "standard attribute not in Table E.1-1: kept")
+        return _Decision(
+            "?standard",
+            "standard attribute not in Table E.1-1: "
+            f"unknown_standard_attributes {self.profile.unknown_standard_attributes}",
+        )
 
     def _dates_override(self, elem: DataElement, decision: _Decision) -> _Decision:
         """With a Retain Longitudinal Temporal Information option, every DA and
@@ -216,7 +225,11 @@ class Deidentifier:
             return _Decision("K", "private: creator kept by the profile")
         if "retain_safe_private" in self.profile.options and key in safe_private_attributes():
             return _Decision("K", "private: Table E.3.10-1 safe attribute (Retain Safe Private)")
-        return _Decision("X", "Table E.1-1 private attributes: removed")
+        return _Decision(
+            "?unknown",
+            "Table E.1-1 private attributes, no rule keeps it: "
+            f"unknown_attributes {self.profile.unknown_attributes}",
+        )
 
     # ------------------------------------------------------------------ walk
     def _walk(
@@ -276,9 +289,16 @@ class Deidentifier:
     ) -> None:
         label = where + (elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})")
         action = decision.action
-        if action == "?unknown":
-            state.report.unaddressed.append(label)
-            action = _UNKNOWN_ACTIONS[self.profile.unknown_public]
+        if action.startswith("?"):
+            policy = (
+                self.profile.unknown_attributes
+                if action == "?unknown"
+                else self.profile.unknown_standard_attributes
+            )
+            state.unaddressed.add(_INDEX.sub("[*]", label))
+            if policy == "quarantine":
+                state.quarantine_unaddressed = True
+            action = _UNKNOWN_ACTIONS[policy]
         action = self._resolve(action, elem, path, state)
         self._note(state, label, elem, action, decision.rule)
         vr = elem.VR
@@ -445,9 +465,12 @@ class Deidentifier:
         self._walk(dataset, (), "", state, None)
         if report.outcome is not Outcome.PASSED:
             return report
-        if report.unaddressed and self.profile.unknown_public == "quarantine":
+        report.unaddressed = sorted(state.unaddressed)
+        if state.quarantine_unaddressed:
             return report.stop(
-                Outcome.QUARANTINED, "unknown-attribute", "the instance holds attributes no rule addresses"
+                Outcome.QUARANTINED,
+                "unknown-attribute",
+                "the instance holds attributes no rule addresses (see the report's unaddressed list)",
             )
         if verdict.redact is not None:
             failure = self.redactor(dataset, verdict.redact, (state.subject or "", slide))
@@ -456,6 +479,15 @@ class Deidentifier:
                     Outcome.QUARANTINED, failure, "the OVERVIEW label area could not be redacted safely"
                 )
         self._mark(dataset)
+        findings = self._scanner(state).scan(dataset)
+        if findings:
+            report.findings = [f"{f.path} ({f.kind})" for f in findings]
+            return report.stop(
+                Outcome.QUARANTINED,
+                "phi-found-in-output",
+                f"an identifying value of the input was found in {len(findings)} element(s) "
+                "of the output",
+            )
         report.new_sop_instance_uid = str(dataset.SOPInstanceUID)
         report.new_study_instance_uid = str(dataset.get("StudyInstanceUID", "")) or None
         report.new_series_instance_uid = str(dataset.get("SeriesInstanceUID", "")) or None
@@ -466,9 +498,29 @@ class Deidentifier:
         (see :mod:`gateway.deid.stream`); ``dst`` exists only when passed."""
         return stream.deidentify_file(self, src, dst, explain=explain)
 
+    def _scanner(self, state: _Instance) -> OutputScanner:
+        """The verifier for this instance: it looks for what the profile removes,
+        not for what an option deliberately keeps."""
+        options = self.profile.options
+        mode = self.profile.dates_mode
+        return OutputScanner(
+            state.found,
+            state.report.uid_map,
+            institutions="retain_institution_identity" not in options,
+            devices="retain_device_identity" not in options,
+            dates=mode != "full",
+        )
+
     def _mark(self, dataset: Dataset) -> None:
         """Record what was done, as PS3.15 E.1.1 asks."""
         profile = self.profile
+        meta = getattr(dataset, "file_meta", None)
+        if meta is not None:
+            meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+            meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+            for keyword in _FILE_META_IDENTITY:
+                if keyword in meta:
+                    del meta[keyword]
         dataset.PatientIdentityRemoved = "YES"
         dataset.DeidentificationMethod = (
             f"deid-gateway {__version__} profile {profile.name} sha256:{profile.content_hash[:16]}"
@@ -490,7 +542,16 @@ class Deidentifier:
         }[profile.dates_mode]  # fmt: skip
 
 
+#: File meta elements that name the systems an instance came through.
+_FILE_META_IDENTITY = (
+    "SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
+    "ReceivingApplicationEntityTitle", "SourcePresentationAddress",
+    "SendingPresentationAddress", "ReceivingPresentationAddress",
+    "PrivateInformationCreatorUID", "PrivateInformation",
+)  # fmt: skip
+
 _UNKNOWN_ACTIONS = {"remove": "X", "keep": "K", "quarantine": "X"}
+_INDEX = re.compile(r"\[\d+\]")
 _EXTRA = EXTRA_ACTIONS
 
 

@@ -20,14 +20,21 @@ IDENTIFIER_KEYWORDS: frozenset[str] = frozenset(
         "PatientID", "OtherPatientIDs", "IssuerOfPatientID", "AccessionNumber",
         "StudyID", "ContainerIdentifier", "SpecimenIdentifier", "BarcodeValue",
         "LabelText", "MedicalRecordLocator", "AdmissionID", "ServiceEpisodeID",
-        "PatientAddress", "PatientTelephoneNumbers", "InstitutionName",
-        "InstitutionAddress", "RequestedProcedureID", "FillerOrderNumberImagingServiceRequest",
+        "PatientAddress", "PatientTelephoneNumbers", "RequestedProcedureID",
+        "FillerOrderNumberImagingServiceRequest",
         "PlacerOrderNumberImagingServiceRequest", "PerformedProcedureStepID",
         "ScheduledProcedureStepID", "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID",
         "LocalNamespaceEntityID", "UniversalEntityID", "OtherPatientNames",
-        "PatientMotherBirthName", "PatientBirthName", "StationName", "DeviceSerialNumber",
+        "PatientMotherBirthName", "PatientBirthName",
     }
 )  # fmt: skip
+
+#: Values the Retain Institution Identity option keeps.
+INSTITUTION_KEYWORDS: frozenset[str] = frozenset(
+    {"InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName"}
+)
+#: Values the Retain Device Identity option keeps.
+DEVICE_KEYWORDS: frozenset[str] = frozenset({"StationName", "DeviceSerialNumber", "DeviceID"})
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _MIN_COMPONENT = 3
@@ -84,20 +91,31 @@ class IdentifyingValues:
 
     names: set[str] = field(default_factory=set)
     identifiers: set[str] = field(default_factory=set)
+    institutions: set[str] = field(default_factory=set)
+    devices: set[str] = field(default_factory=set)
     dates: set[date] = field(default_factory=set)
+    datetimes: set[str] = field(default_factory=set)
     uids: set[str] = field(default_factory=set)
 
-    def text_values(self) -> set[str]:
-        """Every value to look for in text: names, their components, identifiers
-        and dates in their written forms."""
+    def text_values(self, *, institutions: bool = True, devices: bool = True,
+                    dates: bool = True) -> set[str]:
+        """Every value to look for in text: names, their components, identifiers,
+        and (unless left out) institution and device names and dates in their
+        written forms."""
         out = set(self.identifiers)
+        if institutions:
+            out |= self.institutions
+        if devices:
+            out |= self.devices
         for name in self.names:
             out.add(name)
             for part in re.split(r"[\^= ,]+", name):
                 if len(part) >= _MIN_COMPONENT:
                     out.add(part)
-        for day in self.dates:
-            out |= date_forms(day)
+        if dates:
+            out |= self.datetimes
+            for day in self.dates:
+                out |= date_forms(day)
         return {v for v in out if len(v) >= _MIN_COMPONENT}
 
 
@@ -141,7 +159,13 @@ def _walk(dataset: Dataset, found: IdentifyingValues) -> None:
             for text in _values(elem.value):
                 if (day := _parse_date(text)) is not None:
                     found.dates.add(day)
+                    if vr == "DT" and len(text) > 8:
+                        found.datetimes.add(text)
         elif vr == "UI":
             found.uids.update(_values(elem.value))
         elif elem.keyword in IDENTIFIER_KEYWORDS:
             found.identifiers.update(_values(elem.value))
+        elif elem.keyword in INSTITUTION_KEYWORDS:
+            found.institutions.update(_values(elem.value))
+        elif elem.keyword in DEVICE_KEYWORDS:
+            found.devices.update(_values(elem.value))

@@ -88,7 +88,8 @@ class Profile:
     clean_patterns: tuple[re.Pattern[str], ...] = ()
     clean_vocabulary: frozenset[str] = frozenset()
     pixels: PixelPolicy = field(default_factory=PixelPolicy)
-    unknown_public: str = "remove"
+    unknown_attributes: str = "remove"
+    unknown_standard_attributes: str = "keep"
 
     @property
     def dates_mode(self) -> str:
@@ -304,7 +305,7 @@ def _settings(raw: dict[str, tuple[Any, str]]) -> dict[str, Any]:
     known = {
         "uid_root", "date_shift_days", "patient_lookup", "patient_lookup_required",
         "clean_patterns", "clean_vocabulary", "overview", "overview_keep_acknowledged", "burned_in", "ocr",
-        "unknown_attributes",
+        "unknown_attributes", "unknown_standard_attributes",
     }  # fmt: skip
     for key, (_, at) in raw.items():
         if key not in known:
@@ -354,7 +355,9 @@ def _settings(raw: dict[str, tuple[Any, str]]) -> dict[str, Any]:
         )
     out["pixels"] = policy
     if (item := get("unknown_attributes")) is not None:
-        out["unknown_public"] = _choice(item, UNKNOWN_POLICIES)
+        out["unknown_attributes"] = _choice(item, UNKNOWN_POLICIES)
+    if (item := get("unknown_standard_attributes")) is not None:
+        out["unknown_standard_attributes"] = _choice(item, UNKNOWN_POLICIES)
     return out
 
 

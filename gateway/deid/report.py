@@ -52,6 +52,7 @@ class DeidReport:
     uid_map: dict[str, str] = field(default_factory=dict)
     patient_map: dict[str, str] = field(default_factory=dict)
     unaddressed: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)
     explain: list[ExplainEntry] = field(default_factory=list)
 
     def stop(self, outcome: Outcome, reason: str, detail: str) -> DeidReport:
@@ -75,4 +76,5 @@ class DeidReport:
             "new_series_instance_uid": self.new_series_instance_uid,
             "action_counts": dict(sorted(self.action_counts.items())),
             "unaddressed": list(self.unaddressed),
+            "findings": list(self.findings),
         }
