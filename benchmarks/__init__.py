@@ -1,0 +1,1 @@
+"""Benchmarks of the gateway against dcmtk and Orthanc; run with ``benchmarks/run``."""
