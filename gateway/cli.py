@@ -12,7 +12,17 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.commands import audit, deidentify, demo_data, echo, explain, quarantine, serve
+from gateway.commands import (
+    audit,
+    deidentify,
+    demo_data,
+    echo,
+    explain,
+    profile_doc,
+    quarantine,
+    serve,
+    verify,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (deidentify, explain, demo_data, serve, quarantine, echo, audit):
+    for module in (deidentify, explain, verify, demo_data, serve, quarantine, echo, audit, profile_doc):
         module.register(subparsers)
     return parser
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from gateway.commands._common import add_profile_options, build_deidentifier, iter_inputs
 from gateway.deid import DeidReport, Outcome
+from gateway.deid.mapping import MappingWriter
 
 #: Exit status when every input was passed or dropped by policy.
 EXIT_OK = 0
@@ -43,6 +44,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--output", type=Path, required=True, metavar="DIR")
     parser.add_argument("--quarantine", type=Path, default=None, metavar="DIR")
     parser.add_argument("--report", type=Path, default=None, metavar="FILE.json")
+    parser.add_argument(
+        "--mapping-dir", type=Path, default=None, metavar="DIR",
+        help="write uid_mapping.csv and patient_id_mapping.csv (id_old,id_new) here, "
+        "owner-readable only; keep it apart from the research output",
+    )  # fmt: skip
     parser.add_argument("inputs", type=Path, nargs="+", metavar="INPUT")
     parser.set_defaults(func=run)
 
@@ -56,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     staging = args.output / ".incoming"
     staging.mkdir(exist_ok=True)
+    mapping = MappingWriter(args.mapping_dir) if args.mapping_dir is not None else None
     entries: list[dict[str, Any]] = []
     outcomes: Counter[str] = Counter()
     progress = tqdm(files, unit="file", disable=not sys.stderr.isatty() or len(files) < 2)
@@ -65,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         entry: dict[str, Any] = {"input": str(src), **report.public()}
         if report.outcome is Outcome.PASSED:
             entry["output"] = str(_place(staged, args.output, report))
+            if mapping is not None:
+                mapping.add(report)
         elif args.quarantine is not None:
             entry["quarantined_copy"] = str(_quarantine(src, args.quarantine, report))
         outcomes[report.outcome.value] += 1

@@ -43,7 +43,7 @@ from gateway.deid.standard import (
     confidentiality_table,
     safe_private_attributes,
 )
-from gateway.deid.uids import UIDRemapper
+from gateway.deid.uids import UIDRemapper, is_well_known
 from gateway.deid.verify import OutputScanner
 
 _TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UT", "UC"})
@@ -485,8 +485,7 @@ class Deidentifier:
             return report.stop(
                 Outcome.QUARANTINED,
                 "phi-found-in-output",
-                f"an identifying value of the input was found in {len(findings)} element(s) "
-                "of the output",
+                f"an identifying value of the input was found in {len(findings)} element(s) of the output",
             )
         report.new_sop_instance_uid = str(dataset.SOPInstanceUID)
         report.new_study_instance_uid = str(dataset.get("StudyInstanceUID", "")) or None
@@ -499,13 +498,14 @@ class Deidentifier:
         return stream.deidentify_file(self, src, dst, explain=explain)
 
     def _scanner(self, state: _Instance) -> OutputScanner:
-        """The verifier for this instance: it looks for what the profile removes,
-        not for what an option deliberately keeps."""
+        """The verifier for this instance: it looks for every identifying value
+        and non-standard UID of the input, except what an option deliberately keeps."""
         options = self.profile.options
         mode = self.profile.dates_mode
+        uids = () if "retain_uids" in options else (u for u in state.found.uids if not is_well_known(u))
         return OutputScanner(
             state.found,
-            state.report.uid_map,
+            uids,
             institutions="retain_institution_identity" not in options,
             devices="retain_device_identity" not in options,
             dates=mode != "full",

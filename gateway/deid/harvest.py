@@ -97,8 +97,17 @@ class IdentifyingValues:
     datetimes: set[str] = field(default_factory=set)
     uids: set[str] = field(default_factory=set)
 
-    def text_values(self, *, institutions: bool = True, devices: bool = True,
-                    dates: bool = True) -> set[str]:
+    def update(self, other: IdentifyingValues) -> None:
+        """Add another instance's values (to check a batch at once)."""
+        self.names |= other.names
+        self.identifiers |= other.identifiers
+        self.institutions |= other.institutions
+        self.devices |= other.devices
+        self.dates |= other.dates
+        self.datetimes |= other.datetimes
+        self.uids |= other.uids
+
+    def text_values(self, *, institutions: bool = True, devices: bool = True, dates: bool = True) -> set[str]:
         """Every value to look for in text: names, their components, identifiers,
         and (unless left out) institution and device names and dates in their
         written forms."""

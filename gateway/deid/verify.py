@@ -24,6 +24,7 @@ from gateway.deid.harvest import IdentifyingValues
 _SKIP_VRS = frozenset(
     {"DS", "IS", "US", "UL", "SS", "SL", "FL", "FD", "SV", "UV", "AT", "OD", "OF", "OL", "OV", "OW"}
 )
+_DATE_VRS = frozenset({"DA", "DT", "TM"})
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 
 
@@ -32,11 +33,11 @@ class Finding:
     """An identifying value found in the output: where, and of what kind."""
 
     path: str
-    kind: str  # "value" (name, identifier, date...) or "uid"
+    kind: str  # "value" (name, identifier...), "date" or "uid"
 
 
 class OutputScanner:
-    """Searches datasets for one input's identifying values."""
+    """Searches datasets for identifying values of an input (or of a batch)."""
 
     def __init__(
         self,
@@ -46,14 +47,21 @@ class OutputScanner:
         institutions: bool = True,
         devices: bool = True,
         dates: bool = True,
+        dates_in_date_elements: bool = True,
     ) -> None:
-        values = found.text_values(institutions=institutions, devices=devices, dates=dates)
+        """``dates_in_date_elements=False`` searches DA, DT and TM elements for
+        UIDs only: over a batch of many patients, a shifted date of one patient
+        is bound to equal an original date of another."""
+        plain = found.text_values(institutions=institutions, devices=devices, dates=False)
         names = found.text_values(institutions=False, devices=False, dates=False) - found.identifiers
         # A value made only of descriptive words (a label reading "H&E") is kept
         # in descriptions on purpose; names are always searched for.
-        values = {v for v in values if v in names or not _descriptive(v)}
-        self._values = _alternation(values, r"[0-9A-Za-z]")
+        plain = {v for v in plain if v in names or not _descriptive(v)}
+        dated = found.text_values(dates=True) - found.text_values(dates=False) if dates else set()
+        self._values = _alternation(plain, r"[0-9A-Za-z]")
+        self._dates = _alternation(dated, r"[0-9A-Za-z]")
         self._uids = _alternation({u for u in replaced_uids if u}, r"[0-9.]")
+        self._dates_in_date_elements = dates_in_date_elements
 
     def scan(self, dataset: Dataset) -> list[Finding]:
         """Every place in ``dataset`` (and its file meta) where a value turns up."""
@@ -66,11 +74,17 @@ class OutputScanner:
 
     def _scan(self, dataset: Dataset, where: str) -> list[Finding]:
         found: list[Finding] = []
-        for path, text in _texts(dataset, where):
+        for path, vr, text in _texts(dataset, where):
             if self._uids is not None and self._uids.search(text):
                 found.append(Finding(path, "uid"))
             elif self._values is not None and self._values.search(text):
                 found.append(Finding(path, "value"))
+            elif (
+                self._dates is not None
+                and (self._dates_in_date_elements or vr not in _DATE_VRS)
+                and self._dates.search(text)
+            ):
+                found.append(Finding(path, "date"))
         return found
 
 
@@ -94,8 +108,8 @@ def _alternation(values: set[str], word: str) -> re.Pattern[str] | None:
     return re.compile(f"(?<!{word})(?:{'|'.join(parts)})(?!{word})", re.IGNORECASE)
 
 
-def _texts(dataset: Dataset, where: str) -> Iterator[tuple[str, str]]:
-    """(path, text) for every searchable value, at every depth."""
+def _texts(dataset: Dataset, where: str) -> Iterator[tuple[str, str, str]]:
+    """(path, VR, text) for every searchable value, at every depth."""
     for elem in dataset:
         if int(elem.tag) in _PIXEL_TAGS:
             continue
@@ -110,11 +124,11 @@ def _texts(dataset: Dataset, where: str) -> Iterator[tuple[str, str]]:
             continue
         if isinstance(value, bytes | bytearray):
             raw = bytes(value)
-            yield label, raw.decode("utf-8", "ignore") + "\n" + raw.decode("latin-1")
-        elif isinstance(value, str):
-            yield label, value
+            yield label, vr, raw.decode("utf-8", "ignore") + "\n" + raw.decode("latin-1")
+        elif isinstance(value, str) or (vr == "PN" and not isinstance(value, list | tuple)):
+            yield label, vr, str(value)
         else:
             try:
-                yield label, "\\".join(str(v) for v in value)
+                yield label, vr, "\\".join(str(v) for v in value)
             except TypeError:
-                yield label, str(value)
+                yield label, vr, str(value)
