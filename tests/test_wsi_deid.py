@@ -165,6 +165,10 @@ def test_concatenation_parts_stay_one_concatenation(run: Run, synthetic_study: S
         assert len(new) == 1 and len(old) == 1, keyword
         assert new != old, keyword
         assert UID_PATTERN.match(next(iter(new)))
+    # The source UID is remapped by the same keyed function as every other UID.
+    source = str(before[0].SOPInstanceUIDOfConcatenationSource)
+    for part in parts:
+        assert run.results[part].report.uid_map[source] == after[0].SOPInstanceUIDOfConcatenationSource
     # The source UID is remapped like any other: not onto a part's own new UID.
     assert after[0].SOPInstanceUIDOfConcatenationSource not in {ds.SOPInstanceUID for ds in after}
     for keyword in (
