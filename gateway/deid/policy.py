@@ -60,6 +60,8 @@ def image_flavor(header: Dataset) -> str | None:
 def judge(header: Dataset, has_pixels: bool, policy: PixelPolicy) -> Verdict:
     """Apply the pixel policy to an instance header."""
     flavor = image_flavor(header)
+    if str(header.get("SOPClassUID", "")) in policy.drop_sop_classes:
+        return Verdict(Outcome.DROPPED, "sop-class-dropped", "the profile drops this SOP Class")
     if flavor == "LABEL":
         return Verdict(Outcome.DROPPED, "label-image", "LABEL images are never forwarded")
     if flavor == "OVERVIEW":
@@ -68,6 +70,8 @@ def judge(header: Dataset, has_pixels: bool, policy: PixelPolicy) -> Verdict:
         if policy.overview in ("redact", "replace"):
             return Verdict(Outcome.PASSED, redact=policy.overview)
         return Verdict(Outcome.PASSED)  # keep, acknowledged in the profile
+    if flavor == "THUMBNAIL" and policy.thumbnail == "drop":
+        return Verdict(Outcome.DROPPED, "thumbnail-image", "the profile drops THUMBNAIL images")
     if not has_pixels:
         return Verdict(Outcome.PASSED)
     stop = Outcome.DROPPED if policy.burned_in == "drop" else Outcome.QUARANTINED

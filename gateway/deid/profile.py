@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydicom._uid_dict import UID_dictionary
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.uid import UID
 
 from gateway.deid.standard import ACTION_CODES, OPTION_COLUMNS
 
@@ -66,8 +68,10 @@ class PixelPolicy:
 
     overview: str = "drop"
     overview_keep_acknowledged: bool = False
+    thumbnail: str = "pass"
     burned_in: str = "quarantine"
     ocr: bool = True
+    drop_sop_classes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -304,7 +308,7 @@ def _settings(raw: dict[str, tuple[Any, str]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     known = {
         "uid_root", "date_shift_days", "patient_lookup", "patient_lookup_required",
-        "clean_patterns", "clean_vocabulary", "overview", "overview_keep_acknowledged", "burned_in", "ocr",
+        "clean_patterns", "clean_vocabulary", "overview", "thumbnail", "drop_sop_classes", "overview_keep_acknowledged", "burned_in", "ocr",
         "unknown_attributes", "unknown_standard_attributes",
     }  # fmt: skip
     for key, (_, at) in raw.items():
@@ -342,6 +346,10 @@ def _settings(raw: dict[str, tuple[Any, str]]) -> dict[str, Any]:
         pixels["overview"] = _choice(item, OVERVIEW_POLICIES)
     if (item := get("overview_keep_acknowledged")) is not None:
         pixels["overview_keep_acknowledged"] = _bool(item)
+    if (item := get("thumbnail")) is not None:
+        pixels["thumbnail"] = _choice(item, ("pass", "drop"))
+    if (item := get("drop_sop_classes")) is not None:
+        pixels["drop_sop_classes"] = _sop_classes(item)
     if (item := get("burned_in")) is not None:
         pixels["burned_in"] = _choice(item, BURNED_IN_POLICIES)
     if (item := get("ocr")) is not None:
@@ -359,6 +367,24 @@ def _settings(raw: dict[str, tuple[Any, str]]) -> dict[str, Any]:
     if (item := get("unknown_standard_attributes")) is not None:
         out["unknown_standard_attributes"] = _choice(item, UNKNOWN_POLICIES)
     return out
+
+
+def _sop_classes(item: tuple[Any, str]) -> frozenset[str]:
+    """SOP Classes by UID or by keyword (``SecondaryCaptureImageStorage``)."""
+    value, at = item
+    if not isinstance(value, list):
+        raise ProfileError(f"{at}: drop_sop_classes must be a list of SOP Class UIDs or keywords")
+    out: set[str] = set()
+    for entry in value:
+        text = str(entry).strip()
+        uid = text if re.fullmatch(r"[0-9.]+", text) else _UID_BY_KEYWORD.get(text)
+        if uid is None or not UID(uid).is_valid:
+            raise ProfileError(f"{at}: {text!r} is not a SOP Class UID or keyword")
+        out.add(uid)
+    return frozenset(out)
+
+
+_UID_BY_KEYWORD = {keyword: uid for uid, (*_, keyword) in UID_dictionary.items()}
 
 
 def _bool(item: tuple[Any, str]) -> bool:
