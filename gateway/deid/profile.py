@@ -308,7 +308,8 @@ def _settings(raw: dict[str, tuple[Any, str]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     known = {
         "uid_root", "date_shift_days", "patient_lookup", "patient_lookup_required",
-        "clean_patterns", "clean_vocabulary", "overview", "thumbnail", "drop_sop_classes", "overview_keep_acknowledged", "burned_in", "ocr",
+        "clean_patterns", "clean_vocabulary", "overview", "thumbnail", "drop_sop_classes",
+        "overview_keep_acknowledged", "burned_in", "ocr",
         "unknown_attributes", "unknown_standard_attributes",
     }  # fmt: skip
     for key, (_, at) in raw.items():
