@@ -34,6 +34,8 @@ from prometheus_client import (
 )
 from pydicom._uid_dict import UID_dictionary
 
+from gateway.redact import RedactionReason
+
 NAMESPACE: Final = "deid_gateway"
 OTHER: Final = "other"
 
@@ -56,28 +58,51 @@ ASSOCIATION_REJECT_REASONS: Final = frozenset(
     }
 )
 
-#: Reason codes of instances not forwarded: the engine's (``DeidReport.reason``)
-#: and the forwarder's. A code missing here is reported as ``"other"``.
-INSTANCE_REASONS: Final = frozenset(
+#: Reason codes the de-identification engine gives (``DeidReport.reason``):
+#: ``report.stop(...)`` in ``gateway/deid`` and the pixel policy's verdicts.
+#: ``tests/test_metrics.py`` fails when the engine gains a code missing here.
+ENGINE_REASONS: Final = frozenset(
     {
-        # de-identification engine
         "label-image",
         "overview-image",
         "thumbnail-image",
+        "sop-class-dropped",
         "burned-in-annotation",
+        "recognizable-visual-features",
+        "burned-in-annotation-unknown",
         "unreadable",
-        "unsupported-sop-class",
-        "unsupported-transfer-syntax",
+        "missing-sop-uids",
         "patient-not-in-lookup",
-        "profile-error",
-        "residual-identifier",
-        "internal-error",
-        # spool and forwarder
+        "unknown-attribute",
+        "too-large-to-rewrite",
+        "rewrite-failed",
+        "phi-found-in-output",
+        "policy",
+    }
+)
+
+#: Why an OVERVIEW label could not be redacted: the engine quarantines with
+#: these codes, taken from the redactor's own enumeration.
+REDACTION_REASONS: Final = frozenset(reason.value for reason in RedactionReason)
+
+#: Reasons the node itself gives: instances refused at receipt, or quarantined
+#: by the forwarder.
+NODE_REASONS: Final = frozenset(
+    {
+        "instance-too-large",
+        "no-route",
+        "spool-full",
         "spool-write-failed",
+        "route-missing",
+        "internal-error",
         "destination-rejected",
         "retries-exhausted",
     }
 )
+
+#: Reason codes of instances not forwarded. A code missing here is reported
+#: as ``"other"`` in metrics and ``[redacted]`` in logs.
+INSTANCE_REASONS: Final = ENGINE_REASONS | REDACTION_REASONS | NODE_REASONS
 
 #: ``DeidReport.image_type`` values; ``None`` becomes ``"none"``.
 IMAGE_TYPES: Final = frozenset({"VOLUME", "LABEL", "OVERVIEW", "THUMBNAIL", "none"})
@@ -394,9 +419,9 @@ def set_destination_up(destination: str, up: bool) -> None:
 
 
 def set_spool_state(entries: int, oldest_age_seconds: float) -> None:
-    """Set the spool gauges directly (alternative to :func:`watch_spool`)."""
-    SPOOL_ENTRIES.set(entries)
-    SPOOL_OLDEST_AGE.set(oldest_age_seconds)
+    """Set the spool gauges directly (alternative to :func:`watch_spool`, whose
+    callbacks this replaces: a gauge read by a callback ignores ``set``)."""
+    watch_spool(lambda: float(entries), lambda: float(oldest_age_seconds))
 
 
 def watch_spool(entries: Callable[[], float], oldest_age_seconds: Callable[[], float]) -> None:
@@ -415,5 +440,6 @@ def watch_quarantine(entries: Callable[[], float]) -> None:
 
 
 def set_quarantine_entries(entries: int) -> None:
-    """Set the quarantine gauge directly (alternative to :func:`watch_quarantine`)."""
-    QUARANTINE_ENTRIES.set(entries)
+    """Set the quarantine gauge directly (alternative to :func:`watch_quarantine`,
+    whose callback this replaces)."""
+    watch_quarantine(lambda: float(entries))

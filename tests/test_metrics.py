@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import re
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
@@ -222,3 +224,37 @@ def test_planted_values_never_reach_the_exposition() -> None:
     for planted in PLANTED:
         assert planted not in text
     assert 'reason="other"' in text
+
+
+def _engine_reason_codes() -> set[str]:
+    """Every reason code literal the engine passes to ``report.stop``, ``_refuse`` or ``Verdict``."""
+    codes: set[str] = set()
+    for path in (Path(metrics.__file__).parent / "deid").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name not in {"stop", "_refuse", "Verdict"}:
+                continue
+            for arg in node.args:
+                if (
+                    isinstance(arg, ast.Constant)
+                    and isinstance(arg.value, str)
+                    and re.fullmatch(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*", arg.value)
+                ):
+                    codes.add(arg.value)
+    return codes
+
+
+def test_every_engine_reason_code_is_an_allowed_label_and_log_value() -> None:
+    from gateway.logs import FIELD_RULES
+    from gateway.redact import RedactionReason
+
+    codes = _engine_reason_codes() | {reason.value for reason in RedactionReason}
+    assert {"label-image", "burned-in-annotation-unknown", "missing-sop-uids"} <= codes
+    assert codes <= metrics.INSTANCE_REASONS, codes - metrics.INSTANCE_REASONS
+    for code in codes:
+        assert metrics.reason_label(code) == code
+        assert FIELD_RULES["reason"](code)
+    assert not FIELD_RULES["reason"]("DOE^JANE")
