@@ -35,9 +35,13 @@ profile: research
 destinations:
   - name: archive
     folder: gateway-data/archive
+metrics:
+  host: 127.0.0.1
+  port: 9464
 """
 """The configuration ``serve`` runs without ``--config``: loopback only, every
-path under ``gateway-data/`` in the working directory."""
+path under ``gateway-data/`` in the working directory (the audit store is
+``gateway-data/audit.sqlite``, beside the spool)."""
 
 #: Storage SOP classes a pathology department sends, accepted unless the
 #: configuration lists its own under ``sop_classes``.
@@ -182,6 +186,9 @@ class Forwarding:
     max_attempts: int
     backoff_initial: float
     backoff_max: float
+    #: Seconds between two checks of each destination (C-ECHO, or a write test
+    #: for a folder); the result feeds ``destination_up`` and ``/readyz``.
+    echo_interval: float
 
 
 @dataclass(frozen=True)
@@ -206,6 +213,8 @@ class Config:
     limits: Limits
     forwarding: Forwarding
     metrics: Metrics | None
+    #: The audit store: an SQLite file path or a database URL (``postgresql://...``).
+    audit_url: str
     #: True for the embedded defaults: the key is then generated on first start.
     generate_key: bool = field(default=False)
 
@@ -416,7 +425,26 @@ _TOP_KEYS = (
     "limits",
     "forwarding",
     "metrics",
+    "audit",
 )
+
+#: Database URL schemes the audit trail can use (through SQLAlchemy).
+_AUDIT_SCHEMES = ("sqlite", "postgresql", "postgres")
+
+
+def _audit_url(top: _Reader, spool_dir: Path) -> str:
+    """The audit store: ``audit.url`` (a path or a URL), else ``audit.sqlite`` beside the spool."""
+    if not top.has("audit"):
+        return str(spool_dir.parent / "audit.sqlite")
+    audit = top.child("audit")
+    audit.check_known(("url",))
+    value = audit.string("url")
+    if "://" not in value:
+        return str(audit.path_value("url"))
+    scheme = value.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in _AUDIT_SCHEMES:
+        raise ConfigError(f"{audit.key('url')}: must be a file path or a sqlite:// or postgresql:// URL")
+    return value
 
 
 def parse_config(data: object, base: Path, generate_key: bool = False) -> Config:
@@ -478,7 +506,9 @@ def parse_config(data: object, base: Path, generate_key: bool = False) -> Config
     forwarding = (
         top.child("forwarding") if top.has("forwarding") else _Reader({}, "forwarding", base)
     )
-    forwarding.check_known(("workers", "max_attempts", "backoff_initial", "backoff_max"))
+    forwarding.check_known(
+        ("workers", "max_attempts", "backoff_initial", "backoff_max", "echo_interval")
+    )
     metrics = None
     if top.has("metrics"):
         m = top.child("metrics")
@@ -517,8 +547,10 @@ def parse_config(data: object, base: Path, generate_key: bool = False) -> Config
             max_attempts=forwarding.integer("max_attempts", 10, 1, 1000),
             backoff_initial=forwarding.number("backoff_initial", 2.0, 0.01),
             backoff_max=forwarding.number("backoff_max", 600.0, 0.01),
+            echo_interval=forwarding.number("echo_interval", 30.0, 0.1),
         ),
         metrics=metrics,
+        audit_url=_audit_url(top, spool_dir),
         generate_key=generate_key,
     )
 

@@ -19,6 +19,8 @@ import ssl
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,9 +30,12 @@ from pynetdicom import AE, build_context, evt
 from structlog.typing import FilteringBoundLogger
 
 from gateway import metrics
+from gateway.audit import AuditEntry, AuditTrail, sha256_file
 from gateway.config import Config, DicomDestination, FolderDestination, Route
+from gateway.deid.profile import Profile
 from gateway.deid.report import DeidReport, Outcome
-from gateway.logs import get_logger
+from gateway.health import writable_directory_check
+from gateway.logs import association_logger, get_logger, instance_logger
 from gateway.quarantine import Quarantine, Reason
 from gateway.receive import set_nodelay
 from gateway.spool import EntryInfo, Spool, fsync_dir
@@ -53,11 +58,41 @@ _MAX_CONTEXTS = 128
 class Engine(Protocol):
     """What the forwarder needs of ``gateway.deid.Deidentifier``."""
 
+    @property
+    def profile(self) -> Profile: ...
+
     def deidentify_file(self, src: Path, dst: Path) -> DeidReport: ...
 
 
 class SendError(Exception):
     """A destination did not store the instance; the message is PHI-free."""
+
+
+#: Profile name and hash in the audit record of an entry no profile was
+#: applied to (its route is no longer configured).
+_NO_PROFILE = ("none", "0" * 64)
+
+
+@dataclass
+class _Job:
+    """One spool entry being processed: what its log lines and audit records need."""
+
+    entry_id: str
+    info: EntryInfo
+    log: FilteringBoundLogger
+    input_sha256: str
+    profile: tuple[str, str] = _NO_PROFILE
+    report: DeidReport | None = None
+    deidentify_seconds: float = 0.0
+
+    @property
+    def image_type(self) -> str | None:
+        return None if self.report is None else self.report.image_type
+
+    def elapsed(self) -> float:
+        """Seconds since the instance was received (wall clock, as the entry records it)."""
+        received = datetime.fromisoformat(self.info.received)
+        return max((datetime.now(UTC) - received).total_seconds(), 0.0)
 
 
 class Scheduler:
@@ -266,11 +301,13 @@ class Forwarder:
         spool: Spool,
         quarantine: Quarantine,
         engines: Mapping[str, Engine],
+        audit: AuditTrail,
     ) -> None:
         self.config = config
         self.spool = spool
         self.quarantine = quarantine
         self.engines = engines
+        self.audit = audit
         self.scheduler = Scheduler()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -305,6 +342,22 @@ class Forwarder:
     def submit(self, entry_id: str) -> None:
         self.scheduler.add(entry_id)
 
+    def check_destination(self, name: str) -> bool:
+        """One health check of a destination: C-ECHO, or a write test for a folder.
+
+        The echo runs under the destination's link lock after closing the kept
+        association: an archive that serves one association at a time (dcmtk's
+        storescp among them) would otherwise keep the echo waiting behind it.
+        """
+        dest = self.config.destination(name)
+        if isinstance(dest, FolderDestination):
+            return writable_directory_check(dest.folder)()
+        link = self._links[name]
+        with link.lock:
+            link.close()
+            ok, _ = echo(dest, self.config.listen.ae_title)
+        return ok
+
     def _rescan(self) -> None:
         while not self._stop.wait(RESCAN_SECONDS):
             for entry_id in self.spool.pending():
@@ -331,34 +384,86 @@ class Forwarder:
                     link.lock.release()
 
     def _fail_internal(self, entry_id: str, exc: Exception) -> None:
-        """An unexpected error: quarantine the entry, or keep it if even that fails."""
+        """An unexpected error: quarantine the entry, or keep it if even that fails.
+
+        Keeping it (retried after ``backoff_max``) is also what happens while
+        the audit store cannot be written: no fate goes unrecorded.
+        """
         _log().error("forward.internal-error", reason="internal-error", error_type=type(exc).__name__)
         try:
-            self._hold(entry_id, None, "internal-error", f"forwarder raised {type(exc).__name__}")
+            job = self._job(entry_id, self.spool.info(entry_id))
+            self._hold(job, "internal-error", f"forwarder raised {type(exc).__name__}")
         except Exception:
             self.scheduler.retry(entry_id, self.config.forwarding.backoff_max)
 
-    def _hold(self, entry_id: str, info: EntryInfo | None, code: str, detail: str) -> None:
-        self.quarantine.hold(self.spool, entry_id, Reason(code, detail))
-        self.scheduler.finish(entry_id)
-        _log().warning(
+    def _job(self, entry_id: str, info: EntryInfo) -> _Job:
+        """Start processing an entry: its logger, the hash of its input, its route's profile."""
+        log = instance_logger(
+            association_logger(info.assoc_id, info.calling_ae_title), info.sop_class_uid
+        )
+        engine = self.engines.get(info.route)
+        profile = (
+            (engine.profile.name, engine.profile.content_hash) if engine is not None else _NO_PROFILE
+        )
+        return _Job(entry_id, info, log, sha256_file(self.spool.instance(entry_id)), profile)
+
+    def _audit(
+        self,
+        job: _Job,
+        outcome: str,
+        *,
+        reason: str | None = None,
+        destination: str | None = None,
+        delivered_at: datetime | None = None,
+    ) -> int:
+        """Append the record of a final fate and return its number.
+
+        Raises when the store cannot take it, so the caller goes no further.
+        """
+        report = job.report
+        result = self.audit.append(
+            AuditEntry(
+                received_at=datetime.fromisoformat(job.info.received),
+                calling_ae=job.info.calling_ae_title,
+                input_sha256=job.input_sha256,
+                profile=job.profile[0],
+                profile_sha256=job.profile[1],
+                outcome=outcome,
+                new_sop_instance_uid=report.new_sop_instance_uid if report is not None else None,
+                action_counts=dict(report.action_counts) if report is not None else {},
+                reason=reason,
+                destination=destination,
+                delivered_at=delivered_at,
+            )
+        )
+        return result.seq
+
+    def _hold(self, job: _Job, code: str, detail: str, *, counted: bool = False) -> None:
+        """Quarantine an entry; ``counted`` when the engine's verdict was already counted."""
+        seq = self._audit(job, "quarantined", reason=code)
+        self.quarantine.hold(self.spool, job.entry_id, Reason(code, detail))
+        self.scheduler.finish(job.entry_id)
+        if not counted:
+            metrics.record_quarantined(
+                sop_class_uid=job.info.sop_class_uid, image_type=job.image_type, reason=code
+            )
+        job.log.warning(
             "instance.quarantined",
             outcome="quarantined",
             reason=code,
-            sop_class=metrics.sop_class_label(info.sop_class_uid if info else None),
+            deidentify_seconds=job.deidentify_seconds,
+            total_seconds=job.elapsed(),
+            audit_seq=seq,
         )
 
     def _process(self, entry_id: str) -> None:
         if not self.spool.path(entry_id).is_dir():
             self.scheduler.finish(entry_id)  # purged or handled meanwhile
             return
-        info = self.spool.info(entry_id)
-        route = self._routes.get(info.route)
+        job = self._job(entry_id, self.spool.info(entry_id))
+        route = self._routes.get(job.info.route)
         if route is None:
-            self._hold(entry_id, info, "route-missing", "the route of this entry is not configured")
-            metrics.record_quarantined(
-                sop_class_uid=info.sop_class_uid, image_type=None, reason="route-missing"
-            )
+            self._hold(job, "route-missing", "the route of this entry is not configured")
             return
         output = self.spool.work / f"{entry_id}.dcm"
         try:
@@ -368,37 +473,41 @@ class Forwarder:
                     self.spool.instance(entry_id), output
                 )
             except Exception as exc:
-                self._hold(
-                    entry_id,
-                    info,
-                    "internal-error",
-                    f"de-identification raised {type(exc).__name__}",
-                )
-                metrics.record_quarantined(
-                    sop_class_uid=info.sop_class_uid, image_type=None, reason="internal-error"
-                )
+                self._hold(job, "internal-error", f"de-identification raised {type(exc).__name__}")
                 return
+            job.deidentify_seconds = time.monotonic() - started
+            job.report = report
+            job.log = job.log.bind(image_type=metrics.image_type_label(report.image_type))
             metrics.record_deidentified(
                 report.outcome.value,
-                sop_class_uid=info.sop_class_uid,
+                sop_class_uid=job.info.sop_class_uid,
                 image_type=report.image_type,
                 reason=report.reason,
-                duration_seconds=time.monotonic() - started,
+                duration_seconds=job.deidentify_seconds,
             )
             if report.outcome is Outcome.DROPPED:
+                reason = report.reason or "policy"
+                seq = self._audit(job, "dropped", reason=reason)
                 self.spool.remove(entry_id)
                 self.scheduler.finish(entry_id)
-                _log().info(
+                job.log.info(
                     "instance.dropped",
                     outcome="dropped",
-                    reason=report.reason,
-                    sop_class=metrics.sop_class_label(info.sop_class_uid),
+                    reason=reason,
+                    deidentify_seconds=job.deidentify_seconds,
+                    total_seconds=job.elapsed(),
+                    audit_seq=seq,
                 )
                 return
             if report.outcome is not Outcome.PASSED or not output.is_file():
-                self._hold(entry_id, info, report.reason or "internal-error", report.detail)
+                self._hold(
+                    job,
+                    report.reason or "internal-error",
+                    report.detail,
+                    counted=report.outcome is Outcome.QUARANTINED,
+                )
                 return
-            self._deliver(entry_id, info, route, output, report)
+            self._deliver(job, route, output, report)
         finally:
             output.unlink(missing_ok=True)
 
@@ -411,14 +520,8 @@ class Forwarder:
         with link.lock:
             link.send(output, info.sop_class_uid, transfer_syntax)
 
-    def _deliver(
-        self,
-        entry_id: str,
-        info: EntryInfo,
-        route: Route,
-        output: Path,
-        report: DeidReport,
-    ) -> None:
+    def _deliver(self, job: _Job, route: Route, output: Path, report: DeidReport) -> None:
+        entry_id, info = job.entry_id, job.info
         state = self.spool.state(entry_id)
         transfer_syntax = report.transfer_syntax_uid or info.transfer_syntax_uid
         size = output.stat().st_size
@@ -430,42 +533,52 @@ class Forwarder:
             try:
                 self._send(name, output, info, transfer_syntax)
             except (SendError, OSError, RuntimeError, ValueError) as exc:
+                seconds = time.monotonic() - started
                 text = str(exc) if isinstance(exc, SendError) else type(exc).__name__
                 failures.append(f"{name}: {text}")
                 metrics.record_forward_attempt(
-                    name,
-                    success=False,
-                    duration_seconds=time.monotonic() - started,
-                    retry=state.attempts > 0,
+                    name, success=False, duration_seconds=seconds, retry=state.attempts > 0
                 )
-                _log().warning(
+                job.log.warning(
                     "forward.failed",
                     outcome="failure",
                     destination=name,
                     attempt=state.attempts + 1,
-                    sop_class=metrics.sop_class_label(info.sop_class_uid),
+                    forward_seconds=seconds,
                 )
                 continue
+            seconds = time.monotonic() - started
             metrics.record_forward_attempt(
                 name,
                 success=True,
-                duration_seconds=time.monotonic() - started,
+                duration_seconds=seconds,
                 sop_class_uid=info.sop_class_uid,
                 image_type=report.image_type,
                 size_bytes=size,
                 retry=state.attempts > 0,
             )
+            seq = self._audit(job, "forwarded", destination=name, delivered_at=datetime.now(UTC))
             state.delivered.append(name)
             self.spool.save_state(entry_id, state)
+            job.log.info(
+                "instance.forwarded",
+                outcome="success",
+                destination=name,
+                attempt=state.attempts + 1,
+                size_bytes=size,
+                forward_seconds=seconds,
+                audit_seq=seq,
+            )
         if not failures:
             self.spool.remove(entry_id)
             self.scheduler.finish(entry_id)
-            _log().info(
+            job.log.info(
                 "instance.delivered",
                 outcome="delivered",
                 count=len(route.destinations),
-                sop_class=metrics.sop_class_label(info.sop_class_uid),
                 size_bytes=size,
+                deidentify_seconds=job.deidentify_seconds,
+                total_seconds=job.elapsed(),
             )
             return
         state.attempts += 1
@@ -474,19 +587,13 @@ class Forwarder:
         forwarding = self.config.forwarding
         if state.attempts >= forwarding.max_attempts:
             self._hold(
-                entry_id,
-                info,
+                job,
                 "retries-exhausted",
                 f"{state.attempts} attempts, last: {state.last_error}",
             )
-            metrics.record_quarantined(
-                sop_class_uid=info.sop_class_uid,
-                image_type=report.image_type,
-                reason="retries-exhausted",
-            )
             return
         delay = min(forwarding.backoff_initial * 2 ** (state.attempts - 1), forwarding.backoff_max)
-        _log().info(
+        job.log.info(
             "forward.retrying",
             outcome="retrying",
             attempt=state.attempts,

@@ -7,13 +7,16 @@ association, so work acknowledged before a crash is resumed first.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 
 from structlog.typing import FilteringBoundLogger
 
 from gateway import __version__, metrics
+from gateway.audit import AuditTrail
 from gateway.config import Config, ConfigError
 from gateway.deid.engine import Deidentifier
 from gateway.deid.keys import KeyLoadError, generate_key_file, load_key
@@ -21,9 +24,10 @@ from gateway.deid.profile import ProfileError, load_profile
 from gateway.forward import Engine, Forwarder
 from gateway.health import HealthServer, writable_directory_check
 from gateway.logs import get_logger
+from gateway.monitor import DestinationMonitor
 from gateway.quarantine import Quarantine
 from gateway.receive import Receiver, configure_pynetdicom
-from gateway.spool import Spool
+from gateway.spool import INSTANCE, Spool
 
 
 def _log() -> FilteringBoundLogger:
@@ -58,14 +62,33 @@ class Node:
         self.engines = dict(engines) if engines is not None else build_engines(config)
         self.spool = Spool(config.spool_dir, config.limits.min_free_bytes)
         self.quarantine = Quarantine(config.quarantine_dir)
-        self.forwarder = Forwarder(config, self.spool, self.quarantine, self.engines)
-        self.receiver = Receiver(config, self.spool, self.forwarder.submit)
+        self.audit: AuditTrail | None = None
+        self.forwarder: Forwarder | None = None
+        self.receiver: Receiver | None = None
+        self.monitor: DestinationMonitor | None = None
         self.health: HealthServer | None = None
         self.address: tuple[str, int] | None = None
 
     def _oldest_age(self) -> float:
-        ages = [time.time() - path.stat().st_mtime for path in self.spool.ready.iterdir()]
-        return max(ages, default=0.0)
+        """Age of the oldest spooled instance, from the time its file was received.
+
+        Entries leave while this runs (it is called at scrape time), so a
+        vanished one is skipped rather than failing the scrape.
+        """
+        now = time.time()
+        oldest = now
+        for entry in self.spool.ready.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                oldest = min(oldest, (entry / INSTANCE).stat().st_mtime)
+        return max(now - oldest, 0.0)
+
+    def _ready_checks(self, health: HealthServer, monitor: DestinationMonitor) -> None:
+        """``/readyz``: listening, spool writable, keys loaded, every destination up."""
+        health.add_check("listening", lambda: self.receiver is not None and self.receiver.listening)
+        health.add_check("spool-writable", writable_directory_check(self.spool.root))
+        health.add_check("key-loaded", lambda: len(self.engines) == len(self.config.routes))
+        for dest in self.config.destinations:
+            health.add_check(f"destination:{dest.name.lower()}", partial(monitor.is_up, dest.name))
 
     def start(self) -> tuple[str, int]:
         pending = self.spool.open()
@@ -74,15 +97,28 @@ class Node:
             folder = getattr(dest, "folder", None)
             if isinstance(folder, Path):
                 folder.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditTrail(self.config.audit_url)
+        self.forwarder = Forwarder(self.config, self.spool, self.quarantine, self.engines, self.audit)
+        self.receiver = Receiver(self.config, self.spool, self.forwarder.submit)
         configure_pynetdicom(self.spool.incoming)
+        metrics.set_build_info(
+            __version__,
+            {engine.profile.name: engine.profile.content_hash for engine in self.engines.values()},
+        )
         metrics.register_destinations(d.name for d in self.config.destinations)
         metrics.watch_spool(lambda: float(len(self.spool.pending())), self._oldest_age)
         metrics.watch_quarantine(lambda: float(len(self.quarantine.ids())))
+        self.monitor = DestinationMonitor(
+            (d.name for d in self.config.destinations),
+            self.forwarder.check_destination,
+            self.config.forwarding.echo_interval,
+        )
         if self.config.metrics is not None:
             self.health = HealthServer(self.config.metrics.host, self.config.metrics.port)
-            self.health.add_check("spool-writable", writable_directory_check(self.spool.root))
+            self._ready_checks(self.health, self.monitor)
             self.health.start()
         self.forwarder.start(pending)
+        self.monitor.start()
         self.address = self.receiver.start()
         _log().info(
             "node.started",
@@ -95,8 +131,14 @@ class Node:
 
     def stop(self) -> None:
         """Stop accepting, let workers finish their current instance, close peers."""
-        self.receiver.stop()
-        self.forwarder.stop()
+        if self.receiver is not None:
+            self.receiver.stop()
+        if self.monitor is not None:
+            self.monitor.stop()
+        if self.forwarder is not None:
+            self.forwarder.stop()
+        if self.audit is not None:
+            self.audit.close()
         if self.health is not None:
             self.health.stop()
             self.health = None

@@ -10,18 +10,23 @@ pynetdicom's own clean-up afterwards finds nothing left to delete.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 import ssl
+import threading
+import time
+import weakref
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from tempfile import NamedTemporaryFile
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket
 from structlog.typing import FilteringBoundLogger
 
 from gateway import metrics
@@ -63,6 +68,33 @@ def configure_pynetdicom(incoming: Path) -> None:
         partial(NamedTemporaryFile, dir=incoming, prefix="recv-"),
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    setattr(AssociationSocket, "recv", _recv)  # noqa: B010 - replaces a method of pynetdicom
+
+
+#: Largest single read from an association socket.
+RECV_CHUNK = 1 << 20
+
+
+def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` without pynetdicom's 4 KiB steps.
+
+    pynetdicom reads a PDU 4096 bytes at a time and appends each piece to a
+    growing bytearray; for a 4 MiB PDU that is a thousand calls and copies.
+    This reads straight into one buffer of the PDU's size, up to
+    :data:`RECV_CHUNK` per call. As in pynetdicom, a closed connection returns
+    what was read so far.
+    """
+    sock = cast(socket.socket, self.socket)
+    buffer = bytearray(nr_bytes)
+    with memoryview(buffer) as view:
+        nr_read = 0
+        while nr_read < nr_bytes:
+            count = sock.recv_into(view[nr_read:], min(nr_bytes - nr_read, RECV_CHUNK))
+            if not count:
+                break
+            nr_read += count
+    del buffer[nr_read:]
+    return buffer
 
 
 def set_nodelay(event: evt.Event) -> None:
@@ -89,10 +121,12 @@ class _PolicyACSE(ACSE):
         assoc: Association,
         permits: Callable[[str, str], bool],
         ae_known: Callable[[str], bool],
+        assoc_id: int,
     ) -> None:
         super().__init__(assoc)
         self._permits = permits
         self._ae_known = ae_known
+        self._assoc_id = assoc_id
 
     def _reason(self, calling: str, address: str) -> str:
         return "host-not-allowed" if self._ae_known(calling) else "calling-ae-not-allowed"
@@ -102,14 +136,16 @@ class _PolicyACSE(ACSE):
         calling = str(request.calling_ae_title).strip() if request is not None else ""
         address = self.assoc.requestor.address
         if not self._permits(calling, address):
+            reason = self._reason(calling, address)
             _log().warning(
                 "association.rejected",
+                assoc_id=self._assoc_id,
                 outcome="rejected",
                 calling_ae=calling,
                 peer=address,
-                reason="caller-not-allowed",
+                reason=reason,
             )
-            metrics.record_association_rejected(self._reason(calling, address))
+            metrics.record_association_rejected(reason)
             # Rejected permanent, by the service user, calling AE title not recognised
             self.send_reject(0x01, 0x01, 0x03)
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
@@ -147,6 +183,20 @@ class Receiver:
             self.ae.add_supported_context(uid, list(config.transfer_syntaxes))
         self.ae.add_supported_context("1.2.840.10008.1.1")  # Verification
         self._server: Any = None
+        #: Association numbers, assigned in order of connection, for log lines.
+        self._assoc_ids: weakref.WeakKeyDictionary[Association, int] = weakref.WeakKeyDictionary()
+        self._next_assoc_id = itertools.count(1)
+        self._ids_lock = threading.Lock()
+
+    @property
+    def listening(self) -> bool:
+        """True while the DICOM port is open."""
+        return self._server is not None
+
+    def assoc_id(self, assoc: Association) -> int:
+        """The number of an accepted association (0 if it was never numbered)."""
+        with self._ids_lock:
+            return self._assoc_ids.get(assoc, 0)
 
     def permits(self, ae_title: str, address: str) -> bool:
         return any(c.permits(ae_title, address) for c in self.config.allowed_callers)
@@ -157,10 +207,20 @@ class Receiver:
     def _on_conn_open(self, event: evt.Event) -> None:
         set_nodelay(event)
         if event.assoc.is_acceptor:
-            event.assoc.acse = _PolicyACSE(event.assoc, self.permits, self.ae_known)
+            with self._ids_lock:
+                assoc_id = next(self._next_assoc_id)
+                self._assoc_ids[event.assoc] = assoc_id
+            event.assoc.acse = _PolicyACSE(event.assoc, self.permits, self.ae_known, assoc_id)
 
     def _on_accepted(self, event: evt.Event) -> None:
         metrics.record_association_accepted()
+        _log().info(
+            "association.accepted",
+            assoc_id=self.assoc_id(event.assoc),
+            outcome="accepted",
+            calling_ae=str(event.assoc.requestor.ae_title).strip(),
+            peer=event.assoc.requestor.address,
+        )
 
     def _on_rejected(self, event: evt.Event) -> None:
         if len(self.ae.active_associations) > self.ae.maximum_associations:
@@ -175,16 +235,19 @@ class Receiver:
         calling = str(event.assoc.requestor.ae_title).strip()
         sop_class_uid = str(event.request.AffectedSOPClassUID)
         received = Path(event.dataset_path)
+        assoc_id = self.assoc_id(event.assoc)
+        refused = partial(self._refused, assoc_id, calling, sop_class_uid)
+        started = time.monotonic()
         try:
             size = received.stat().st_size
             if size > self.config.limits.max_instance_bytes:
                 received.unlink(missing_ok=True)
-                self._refused(calling, sop_class_uid, "instance-too-large", STATUS_TOO_LARGE)
+                refused("instance-too-large", STATUS_TOO_LARGE)
                 return STATUS_TOO_LARGE
             route = self.config.route_for(calling, sop_class_uid)
             if route is None:
                 received.unlink(missing_ok=True)
-                self._refused(calling, sop_class_uid, "no-route", STATUS_NOT_AUTHORIZED)
+                refused("no-route", STATUS_NOT_AUTHORIZED)
                 return STATUS_NOT_AUTHORIZED
             info = EntryInfo(
                 calling_ae_title=calling,
@@ -192,34 +255,36 @@ class Receiver:
                 transfer_syntax_uid=str(event.context.transfer_syntax),
                 route=route.name,
                 size=size,
+                assoc_id=assoc_id,
             )
             entry_id = self.spool.admit(received, info)
         except SpoolFullError:
-            self._refused(calling, sop_class_uid, "spool-full", STATUS_OUT_OF_RESOURCES)
+            refused("spool-full", STATUS_OUT_OF_RESOURCES)
             return STATUS_OUT_OF_RESOURCES
         except OSError as exc:
             received.unlink(missing_ok=True)
-            self._refused(
-                calling, sop_class_uid, "spool-write-failed", STATUS_OUT_OF_RESOURCES, exc
-            )
+            refused("spool-write-failed", STATUS_OUT_OF_RESOURCES, exc)
             return STATUS_OUT_OF_RESOURCES
         except Exception as exc:  # never let a handler error become a crash or a Success
             received.unlink(missing_ok=True)
-            self._refused(calling, sop_class_uid, "internal-error", STATUS_CANNOT_PROCESS, exc)
+            refused("internal-error", STATUS_CANNOT_PROCESS, exc)
             return STATUS_CANNOT_PROCESS
         metrics.record_received(sop_class_uid, size)
         _log().info(
             "instance.received",
+            assoc_id=assoc_id,
             outcome="accepted",
             calling_ae=calling,
             sop_class=metrics.sop_class_label(sop_class_uid),
             size_bytes=size,
+            spool_seconds=time.monotonic() - started,
         )
         self.on_admitted(entry_id)
         return STATUS_SUCCESS
 
     @staticmethod
     def _refused(
+        assoc_id: int,
         calling: str,
         sop_class_uid: str,
         reason: str,
@@ -229,6 +294,7 @@ class Receiver:
         fields: dict[str, object] = {"error_type": type(exc).__name__} if exc else {}
         _log().warning(
             "instance.refused",
+            assoc_id=assoc_id,
             outcome="rejected",
             calling_ae=calling,
             sop_class=metrics.sop_class_label(sop_class_uid),

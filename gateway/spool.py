@@ -48,6 +48,8 @@ class EntryInfo:
     route: str
     size: int
     received: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    #: The receiving association's number, so that forwarder log lines can name it.
+    assoc_id: int = 0
 
 
 @dataclass

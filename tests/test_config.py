@@ -101,6 +101,10 @@ def test_embedded_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         ({"tls": {"cert_file": "missing.pem", "key_file": "missing.key"}}, "tls.cert_file"),
         ({"spool_dir": None}, "spool_dir"),
         ({"surprise": True}, "surprise"),
+        ({"forwarding": {"echo_interval": 0}}, "forwarding.echo_interval"),
+        ({"audit": {"url": "mysql://db/audit"}}, "audit.url"),
+        ({"audit": {"url": ""}}, "audit.url"),
+        ({"audit": {"path": "a.sqlite"}}, "audit.path"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, change: dict[str, object], key: str) -> None:
@@ -125,3 +129,23 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="<top level>: must be a mapping"):
         load_config(bad)
+
+
+def test_audit_store_defaults_beside_the_spool_and_takes_paths_or_urls(tmp_path: Path) -> None:
+    config = parse_config(BASE, tmp_path)
+    assert config.audit_url == str(tmp_path / "audit.sqlite")
+    relative = parse_config({**BASE, "audit": {"url": "trail/audit.db"}}, tmp_path)
+    assert relative.audit_url == str(tmp_path / "trail" / "audit.db")
+    url = "postgresql://gateway@db.example/audit"
+    assert parse_config({**BASE, "audit": {"url": url}}, tmp_path).audit_url == url
+    assert parse_config(BASE, tmp_path).forwarding.echo_interval == 30.0
+
+
+def test_embedded_defaults_serve_metrics_and_audit_under_gateway_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None)
+    assert config.metrics is not None
+    assert (config.metrics.host, config.metrics.port) == ("127.0.0.1", 9464)
+    assert config.audit_url == str(tmp_path / "gateway-data" / "audit.sqlite")

@@ -50,6 +50,7 @@ def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
     monkeypatch.chdir(tmp_path)
     data = yaml.safe_load(DEFAULT_CONFIG_YAML)
     data["listen"]["port"] = 0
+    data["metrics"]["port"] = 0
     data["allowed_callers"][0]["ae_title"] = "SCANNER"
     data["limits"] = {"max_instance_bytes": 100_000}
     data["routes"] = [{"calling_ae_title": "SCANNER", "sop_classes": [SR, SC]}]
