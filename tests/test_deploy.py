@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 
 from gateway.config import Config, load_config
 
@@ -228,7 +229,7 @@ def test_kubernetes_replicas_share_key_and_keep_their_own_spool(tmp_path: Path) 
     assert [p["targetPort"] for p in service["spec"]["ports"]] == ["dicom"]
 
 
-def test_kubernetes_audit_database_is_reachable_by_name() -> None:
+def test_kubernetes_audit_database_is_reachable_by_name(tmp_path: Path) -> None:
     postgres = manifest("StatefulSet", "deid-gateway-postgres")
     service = manifest("Service", "deid-gateway-postgres")
     labels = postgres["spec"]["template"]["metadata"]["labels"]
@@ -239,10 +240,15 @@ def test_kubernetes_audit_database_is_reachable_by_name() -> None:
     assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "deid-gateway-audit-db"
     (gateway,) = manifest("StatefulSet", "deid-gateway")["spec"]["template"]["spec"]["containers"]
     gw_env = {e["name"]: e for e in gateway["env"]}
-    ref = gw_env["DEID_GATEWAY_AUDIT_DB"]["valueFrom"]["secretKeyRef"]
-    assert ref["name"] == "deid-gateway-audit-db"
-    statefulset_text = (KUBERNETES / "gateway.yaml").read_text()
-    assert f"@{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/" in statefulset_text
+    assert gw_env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "deid-gateway-audit-db",
+        "key": "password",
+    }
+    config = k8s_gateway_config(tmp_path)
+    url = make_url(config.audit_url)
+    assert url.drivername == "postgresql" and url.password is None, "no password in a ConfigMap"
+    assert (url.host, url.port) == (service["metadata"]["name"], service["spec"]["ports"][0]["port"])
+    assert (url.username, url.database) == (env["POSTGRES_USER"]["value"], env["POSTGRES_DB"]["value"])
 
 
 # ------------------------------------------------------------------- systemd
