@@ -499,6 +499,12 @@ class Forwarder:
                     audit_seq=seq,
                 )
                 return
+            if report.reason == "rewrite-failed" and self.spool.free_bytes() < 2 * job.info.size:
+                # The output did not fit on the spool's disk: that passes once
+                # the backlog drains, and is no fault of the instance.
+                job.log.warning("forward.no-space", outcome="retrying", reason="spool-full")
+                self.scheduler.retry(entry_id, self.config.forwarding.backoff_max)
+                return
             if report.outcome is not Outcome.PASSED or not output.is_file():
                 self._hold(
                     job,

@@ -10,8 +10,11 @@ pynetdicom's own clean-up afterwards finds nothing left to delete.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -50,6 +53,52 @@ STATUS_NOT_AUTHORIZED = 0x0124
 STATUS_CANNOT_PROCESS = 0xC211
 
 
+class ReceivedFile:
+    """The file pynetdicom streams a received data set into, in ``incoming``.
+
+    pynetdicom writes from its reactor thread: a failed write (disk full)
+    would raise there and abort the association with no status at all. Here
+    the first error is kept, the file is emptied to give the space back and
+    later writes are dropped, so the C-STORE handler can answer 0xA700.
+    """
+
+    def __init__(self, incoming: Path, *, delete: bool, mode: str, suffix: str) -> None:
+        self._file = NamedTemporaryFile(  # noqa: SIM115 - closed by pynetdicom through close()
+            dir=incoming, prefix="recv-", delete=delete, mode=mode, suffix=suffix
+        )
+        self.name = self._file.name
+        self.error: OSError | None = None
+
+    @property
+    def file(self) -> ReceivedFile:
+        """pynetdicom flushes through ``.file``, as on a NamedTemporaryFile."""
+        return self
+
+    def write(self, data: bytes) -> int:
+        if self.error is None:
+            try:
+                return self._file.write(data)
+            except OSError as exc:
+                self._fail(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._file.flush()
+            except OSError as exc:
+                self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._file.fileno(), 0)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # a flush of data that could not be written
+            self._file.close()
+
+
 def configure_pynetdicom(incoming: Path) -> None:
     """Process-wide pynetdicom settings the node relies on.
 
@@ -65,7 +114,7 @@ def configure_pynetdicom(incoming: Path) -> None:
     setattr(  # noqa: B010 - replaces a module attribute of pynetdicom
         dimse_messages,
         "NamedTemporaryFile",
-        partial(NamedTemporaryFile, dir=incoming, prefix="recv-"),
+        partial(ReceivedFile, incoming),
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     setattr(AssociationSocket, "recv", _recv)  # noqa: B010 - replaces a method of pynetdicom
@@ -239,6 +288,13 @@ class Receiver:
         refused = partial(self._refused, assoc_id, calling, sop_class_uid)
         started = time.monotonic()
         try:
+            spooled = getattr(event.request, "_dataset_file", None)
+            if isinstance(spooled, ReceivedFile) and spooled.error is not None:
+                received.unlink(missing_ok=True)
+                full = spooled.error.errno in (errno.ENOSPC, errno.EDQUOT)
+                refused("spool-full" if full else "spool-write-failed", STATUS_OUT_OF_RESOURCES,
+                        spooled.error)
+                return STATUS_OUT_OF_RESOURCES
             size = received.stat().st_size
             if size > self.config.limits.max_instance_bytes:
                 received.unlink(missing_ok=True)
