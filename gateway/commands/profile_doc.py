@@ -20,7 +20,7 @@ from typing import Any
 from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import VLWholeSlideMicroscopyImageStorage
+from pydicom.uid import UID, VLWholeSlideMicroscopyImageStorage
 
 from gateway.deid import Deidentifier, Profile, ProfileError, SecretKey, load_profile
 from gateway.deid.profile import builtin_profiles
@@ -213,6 +213,8 @@ def _profile_section(profile: Profile, sources: dict[str, str]) -> list[str]:
         f"- UID root of new UIDs: `{profile.uid_root}`",
         f"- OVERVIEW images: `{pixels.overview}`; burned-in annotation: `{pixels.burned_in}`; "
         f"OCR check: `{'on' if pixels.ocr else 'off'}`",
+        f"- THUMBNAIL images: `{pixels.thumbnail}`; SOP Classes dropped: "
+        f"{', '.join(f'`{UID(u).name}`' for u in sorted(pixels.drop_sop_classes)) or 'none'}",
         f"- attributes outside the data dictionary, and private ones nothing keeps: "
         f"`{profile.unknown_attributes}`",
         f"- standard attributes Table E.1-1 does not list: `{profile.unknown_standard_attributes}`",
