@@ -162,15 +162,6 @@ def test_quarantined_inputs_are_kept_owner_only_with_their_reason(study_run: Stu
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug in gateway/commands/deidentify.py: every input that is not passed is copied to "
-        "--quarantine, DROPPED ones included, although the command's help says only quarantined "
-        "and unreadable ones are; LABEL and OVERVIEW originals (the label text in their pixels) "
-        "pile up in the quarantine folder"
-    ),
-)
 def test_dropped_instances_are_not_copied_to_quarantine(study_run: StudyRun) -> None:
     dropped = [e for e in study_run.report["inputs"] if e["outcome"] == "dropped"]
     assert len(dropped) == 4
@@ -249,15 +240,6 @@ def test_bad_profile_or_key_exits_2_with_one_line(
         assert re.search(r"bad\.yaml:\d+", lines[0]), lines[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug in gateway/commands/deidentify.py: an input that cannot be opened (missing, or gone "
-        "between listing and reading) is reported quarantined/unreadable by the engine, then "
-        "_quarantine() opens it to copy it and the command dies with a FileNotFoundError traceback "
-        "(exit 1, no report written)"
-    ),
-)
 def test_input_that_cannot_be_opened_is_reported_without_traceback(key_file: Path, tmp_path: Path) -> None:
     missing = tmp_path / "vanished.dcm"
     report = tmp_path / "report.json"

@@ -99,6 +99,8 @@ def build(tmp_path: Path) -> tuple[Path, dict[str, str | bytes]]:
     ds.SOPInstanceUID = "1.3.6.1.4.1.99999.1.1"
     ds.ImageType = ["DERIVED", "PRIMARY", "VOLUME", "NONE"]
     ds.BurnedInAnnotation = "NO"
+    ds.BitsAllocated = 8
+    ds.add_new(0x7FE00010, "OB", b"\0\0")
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = WSI

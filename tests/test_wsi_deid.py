@@ -318,15 +318,6 @@ def test_specimen_uid_and_identifier_are_pseudonymised_consistently(
     assert len({p[0] for p in pairs}) == len({p[1] for p in pairs}) == len({p[2] for p in pairs}) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "engine bug: Parent Specimen Identifier (DCM 111705) TEXT items of the specimen preparation "
-        "steps are replaced by the fixed dummy 'ANONYMIZED' instead of the keyed specimen pseudonym "
-        "that the parent's own Specimen Identifier items receive, so the part > block > section "
-        "lineage is lost"
-    ),
-)
 def test_parent_specimen_identifiers_use_the_parents_pseudonym(
     run: Run, synthetic_study: SyntheticStudy
 ) -> None:

@@ -74,8 +74,10 @@ def run(args: argparse.Namespace) -> int:
             entry["output"] = str(_place(staged, args.output, report))
             if mapping is not None:
                 mapping.add(report)
-        elif args.quarantine is not None:
-            entry["quarantined_copy"] = str(_quarantine(src, args.quarantine, report))
+        elif args.quarantine is not None and report.outcome is Outcome.QUARANTINED:
+            copy = _quarantine(src, args.quarantine, report)
+            if copy is not None:
+                entry["quarantined_copy"] = str(copy)
         outcomes[report.outcome.value] += 1
         entries.append(entry)
     shutil.rmtree(staging, ignore_errors=True)
@@ -101,15 +103,19 @@ def _place(staged: Path, output: Path, report: DeidReport) -> Path:
     return target
 
 
-def _quarantine(src: Path, folder: Path, report: DeidReport) -> Path:
-    """Keep the original (it carries PHI: owner-only) with its reason beside it."""
+def _quarantine(src: Path, folder: Path, report: DeidReport) -> Path | None:
+    """Keep the original (it carries PHI: owner-only) with its reason beside it;
+    ``None`` when the input cannot be read to be copied."""
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     digest = hashlib.sha256()
-    with src.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    target = folder / f"{digest.hexdigest()[:32]}.dcm"
-    shutil.copyfile(src, target)
+    try:
+        with src.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        target = folder / f"{digest.hexdigest()[:32]}.dcm"
+        shutil.copyfile(src, target)
+    except OSError:
+        return None
     target.chmod(0o600)
     reason = target.with_suffix(".json")
     reason.write_text(json.dumps(report.public(), indent=2) + "\n", encoding="utf-8")

@@ -29,7 +29,12 @@ from gateway.deid import stream
 from gateway.deid.clean import TextCleaner
 from gateway.deid.dates import DateShifter
 from gateway.deid.dummies import MAX_LENGTH, dummy_value, empty_value
-from gateway.deid.harvest import IDENTIFIER_CONCEPTS, concept_of, harvest
+from gateway.deid.harvest import (
+    CONTAINER_ID_CONCEPTS,
+    SPECIMEN_ID_CONCEPTS,
+    concept_of,
+    harvest,
+)
 from gateway.deid.iod import attribute_type, required_level
 from gateway.deid.keys import SecretKey
 from gateway.deid.overview import overview_redactor
@@ -244,16 +249,19 @@ class Deidentifier:
             # A content item outside any sequence Table E.1-1 names (e.g. Specimen
             # Localization Content Item Sequence): its values are structured content.
             content = "clean" if "clean_structured_content" in self.profile.options else "dummy"
-        if content is not None and "TextValue" in dataset and concept_of(dataset) in IDENTIFIER_CONCEPTS:
+        concept = concept_of(dataset) if content is not None and "TextValue" in dataset else None
+        pseudonymise: Callable[[str], str] | None = None
+        if concept in SPECIMEN_ID_CONCEPTS:
+            pseudonymise, action = self.pseudonyms.specimen, "specimen_pseudonym"
+        elif concept in CONTAINER_ID_CONCEPTS:
+            pseudonymise, action = self.pseudonyms.slide, "slide_pseudonym"
+        if pseudonymise is not None:
             elem = dataset["TextValue"]
-            elem.value = self.pseudonyms.specimen(str(elem.value))
+            elem.value = pseudonymise(str(elem.value))
             self._note(
-                state,
-                where + "TextValue",
-                elem,
-                "specimen_pseudonym",
+                state, where + "TextValue", elem, action,
                 "identifier item of structured content: pseudonymised",
-            )
+            )  # fmt: skip
         for tag in list(dataset.keys()):
             tag = BaseTag(tag)
             try:
@@ -266,11 +274,7 @@ class Deidentifier:
                 if tag.is_private_creator:
                     continue
                 decision = self._decide_private(dataset, elem)
-            elif (
-                content is not None
-                and elem.keyword == "TextValue"
-                and (concept_of(dataset) in IDENTIFIER_CONCEPTS)
-            ):
+            elif pseudonymise is not None and elem.keyword == "TextValue":
                 continue
             else:
                 decision = self._decide_public(elem, content)

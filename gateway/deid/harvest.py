@@ -135,10 +135,16 @@ def harvest(dataset: Dataset) -> IdentifyingValues:
     return found
 
 
-#: Coded concept names (scheme, value) of content items whose TEXT value is an
-#: identifier, as used in specimen preparation steps (TID 8001).
-IDENTIFIER_CONCEPTS: frozenset[tuple[str, str]] = frozenset(
-    {("DCM", "121041"), ("DCM", "111724"), ("DCM", "111723")}
+#: Concept names (scheme, value) of content items whose TEXT value is a
+#: specimen identifier, as used in specimen preparation steps (TID 8001):
+#: Specimen Identifier and Parent Specimen Identifier.
+SPECIMEN_ID_CONCEPTS: frozenset[tuple[str, str]] = frozenset({("DCM", "121041"), ("DCM", "111705")})
+#: ... whose TEXT value is a container (slide) identifier.
+CONTAINER_ID_CONCEPTS: frozenset[tuple[str, str]] = frozenset({("DCM", "111700")})
+#: Every concept whose TEXT value identifies a specimen, a container or their
+#: issuer: harvested as identifiers.
+IDENTIFIER_CONCEPTS: frozenset[tuple[str, str]] = (
+    SPECIMEN_ID_CONCEPTS | CONTAINER_ID_CONCEPTS | {("DCM", "111724"), ("DCM", "111706")}
 )
 
 

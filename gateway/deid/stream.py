@@ -16,12 +16,13 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import pydicom
+from highdicom._standard_utils import does_iod_have_pixel_data
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
@@ -58,71 +59,175 @@ def deidentify_file(
 ) -> DeidReport:
     """De-identify ``src`` into ``dst``; ``dst`` is written only when passed.
 
-    The output is written to a temporary name beside ``dst``, flushed to disk
-    and renamed, so ``dst`` either holds a whole instance or does not exist.
+    Never raises for what is in the file: anything that cannot be read is
+    quarantined as ``unreadable``, a failure inside the engine as
+    ``internal-error``, a failure to write as ``rewrite-failed``. The output is
+    written to a temporary name beside ``dst``, flushed to disk and renamed, so
+    ``dst`` either holds a whole instance or does not exist.
     """
+    redact = deid.profile.pixels.overview in ("redact", "replace")
     try:
-        with src.open("rb") as fp:
-            header = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
-            size = os.fstat(fp.fileno()).st_size
-            syntax = _transfer_syntax(header)
-            pixel_start = fp.tell()
-            whole = syntax == DeflatedExplicitVRLittleEndian or (
-                image_flavor(header) == "OVERVIEW" and deid.profile.pixels.overview in ("redact", "replace")
-            )
-            if whole:
-                if size > max_whole_bytes:
-                    return _refuse(
+        source = _read(src, redact, max_whole_bytes)
+    except _RefusedError as refused:
+        return refused.report
+    except Exception as exc:  # whatever the parser trips over, the file is unreadable
+        return DeidReport().stop(
+            Outcome.QUARANTINED, "unreadable", f"not a readable DICOM instance ({type(exc).__name__})"
+        )
+    try:
+        report = deid.deidentify(source.dataset, has_pixels=source.has_pixels, explain=explain)
+    except Exception as exc:  # fail closed: an engine failure holds the instance back
+        return _refuse(source.dataset, "internal-error", f"de-identification failed ({type(exc).__name__})")
+    if report.outcome is not Outcome.PASSED:
+        return report
+    try:
+        if source.pixel_extent is None:
+            _write_whole(source.dataset, source.syntax, dst)
+        else:
+            _write_streamed(source.dataset, source.syntax, src, source.pixel_extent, source.pixel_tag, dst)
+    except Exception as exc:  # nothing half-written is left, and the instance is held back
+        _temporary(dst).unlink(missing_ok=True)
+        return report.stop(
+            Outcome.QUARANTINED,
+            "rewrite-failed",
+            f"the de-identified instance could not be written ({type(exc).__name__})",
+        )
+    return report
+
+
+@dataclass
+class _Source:
+    """A parsed input: the header (or, read whole, the dataset) and where its
+    pixel data element lies in the file (``None`` when read whole)."""
+
+    dataset: Dataset
+    syntax: UID
+    pixel_extent: tuple[int, int] | None
+    pixel_tag: int | None
+    has_pixels: bool | None
+
+
+class _RefusedError(Exception):
+    def __init__(self, report: DeidReport) -> None:
+        super().__init__(report.reason)
+        self.report = report
+
+
+def _read(src: Path, redact_overviews: bool, max_whole_bytes: int) -> _Source:
+    with src.open("rb") as fp:
+        header = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+        size = os.fstat(fp.fileno()).st_size
+        syntax = _transfer_syntax(header)
+        pixel_start = fp.tell()
+        whole = syntax == DeflatedExplicitVRLittleEndian or (
+            redact_overviews and image_flavor(header) == "OVERVIEW"
+        )
+        if whole:
+            if size > max_whole_bytes:
+                raise _RefusedError(
+                    _refuse(
                         header,
                         "too-large-to-rewrite",
                         "the instance must be rewritten whole but is too large",
                     )
-                fp.seek(0)
-                dataset = pydicom.dcmread(fp, force=True)
-                report = deid.deidentify(dataset, explain=explain)
-                if report.outcome is Outcome.PASSED:
-                    try:
-                        _write_whole(dataset, syntax, dst)
-                    except (OSError, ValueError, TypeError, struct.error) as exc:
-                        _temporary(dst).unlink(missing_ok=True)
-                        return report.stop(
-                            Outcome.QUARANTINED,
-                            "rewrite-failed",
-                            f"the de-identified instance could not be written ({type(exc).__name__})",
-                        )
-                return report
-            pixel_end, pixel_tag = _pixel_extent(fp, pixel_start, size, syntax)
-            if pixel_end < size:
-                fp.seek(pixel_end)
-                header.update(read_dataset(fp, syntax.is_implicit_VR, syntax.is_little_endian))
-    except (
-        InvalidDicomError,
-        MalformedError,
-        EOFError,
-        OSError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        struct.error,
-        NotImplementedError,
-    ) as exc:
-        report = DeidReport()
-        return report.stop(
-            Outcome.QUARANTINED, "unreadable", f"not a readable DICOM instance ({type(exc).__name__})"
-        )
-    report = deid.deidentify(header, has_pixels=pixel_tag is not None, explain=explain)
-    if report.outcome is Outcome.PASSED:
-        try:
-            _write_streamed(header, syntax, src, (pixel_start, pixel_end), pixel_tag, dst)
-        except (OSError, ValueError, TypeError, struct.error, MalformedError) as exc:
-            _temporary(dst).unlink(missing_ok=True)
-            return report.stop(
-                Outcome.QUARANTINED,
-                "rewrite-failed",
-                f"the de-identified instance could not be written ({type(exc).__name__})",
-            )
-    return report
+                )
+            fp.seek(0)
+            dataset = pydicom.dcmread(fp, force=True)
+            _decode_all(dataset)
+            return _Source(dataset, syntax, None, None, None)
+        pixel_end, pixel_tag = _pixel_extent(fp, pixel_start, size, syntax)
+        if pixel_end < size:
+            fp.seek(pixel_end)
+            header.update(read_dataset(fp, syntax.is_implicit_VR, syntax.is_little_endian))
+        # pydicom reads a value cut short without complaint: check the structure
+        # of everything that is parsed (not the pixel data, which is copied).
+        dataset_start = _skip_file_meta(fp)
+        _check_complete(fp, dataset_start, pixel_start, syntax)
+        _check_complete(fp, pixel_end, size, syntax)
+    _decode_all(header)
+    if pixel_tag is None and _iod_has_pixel_data(str(header.get("SOPClassUID", ""))):
+        raise MalformedError("the IOD has pixel data but the file has none (truncated?)")
+    return _Source(header, syntax, (pixel_start, pixel_end), pixel_tag, pixel_tag is not None)
+
+
+def _skip_file_meta(fp: BinaryIO) -> int:
+    """Where the dataset starts: after the preamble and the group 0002 elements
+    (always explicit VR little endian)."""
+    fp.seek(0)
+    head = fp.read(132)
+    start = 132 if head[128:132] == b"DICM" else 0
+    fp.seek(start)
+    data = fp.read(64 * 1024)  # the file meta is small
+    offset = 0
+    while len(data) - offset >= 8 and struct.unpack_from("<H", data, offset)[0] == 0x0002:
+        offset = _element_end(data, offset, implicit=False, little=True)
+    return int(start + offset)
+
+
+def _check_complete(fp: BinaryIO, start: int, end: int, syntax: UID) -> None:
+    """Raise MalformedError unless [start, end) of the file is a whole run of
+    elements. The region is parsed already (it is the header), so reading it
+    again costs no more memory than pydicom's copy."""
+    fp.seek(start)
+    data = fp.read(end - start)
+    if len(data) != end - start:
+        raise MalformedError("the file is shorter than its header")
+    offset = 0
+    while offset < len(data):
+        offset = _element_end(data, offset, syntax.is_implicit_VR, syntax.is_little_endian)
+
+
+def _element_end(data: bytes, offset: int, implicit: bool, little: bool) -> int:
+    """The end of the element (or item) at ``offset`` in ``data``; walks nested
+    items of undefined length and checks every length against the data."""
+    endian = "<" if little else ">"
+    if len(data) - offset < 8:
+        raise MalformedError("truncated element header")
+    group, element = struct.unpack_from(endian + "HH", data, offset)
+    vr = data[offset + 4 : offset + 6]
+    if group == 0xFFFE or implicit:
+        (length,) = struct.unpack_from(endian + "L", data, offset + 4)
+        body = offset + 8
+        vr = b"SQ" if group == 0xFFFE else b""
+    elif vr in _LONG_VRS:
+        if len(data) - offset < 12:
+            raise MalformedError("truncated element header")
+        (length,) = struct.unpack_from(endian + "L", data, offset + 8)
+        body = offset + 12
+    else:
+        (length,) = struct.unpack_from(endian + "H", data, offset + 6)
+        body = offset + 8
+    if length != _UNDEFINED:
+        if body + length > len(data):
+            raise MalformedError("an element runs past the end of its region")
+        return int(body + length)
+    if vr not in (b"SQ", b"UN", b""):
+        raise MalformedError("undefined length on a value that cannot have one")
+    # Undefined length: items (or, inside an item, elements) up to the delimiter.
+    is_item = (group, element) == (0xFFFE, 0xE000)
+    delimiter = (0xFFFE, 0xE00D) if is_item else (0xFFFE, 0xE0DD)
+    inner_implicit = implicit or (vr == b"UN" and not is_item)  # UN sequences are implicit VR
+    cursor = body
+    while True:
+        if len(data) - cursor < 8:
+            raise MalformedError("a sequence or item has no delimiter")
+        if struct.unpack_from(endian + "HH", data, cursor) == delimiter:
+            return cursor + 8
+        cursor = _element_end(data, cursor, inner_implicit, little)
+
+
+def _decode_all(dataset: Dataset) -> None:
+    """Decode every element now, so that a value cut short fails here, as
+    unreadable, and not half-way through de-identification."""
+    for _ in dataset.iterall():
+        pass
+
+
+def _iod_has_pixel_data(sop_class_uid: str) -> bool:
+    try:
+        return bool(does_iod_have_pixel_data(sop_class_uid))
+    except KeyError:  # an IOD the tables do not know: nothing to check against
+        return False
 
 
 def _refuse(header: Dataset, reason: str, detail: str) -> DeidReport:
