@@ -22,6 +22,7 @@ from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
@@ -94,10 +95,10 @@ def hidden_files(directory: Path) -> list[Path]:
 
 def send_one(port: int, path: Path, calling: str = CALLING, timeout: float = 30) -> int | None:
     """C-STORE one file on its own association; the status, or None without one."""
-    ds = dcmread(path, stop_before_pixels=True)
+    meta = read_file_meta_info(path)  # only the File Meta: the data set may be malformed
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", port, ae_title=CALLED)
     if not assoc.is_established:
         return None
