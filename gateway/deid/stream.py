@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import pydicom
 from highdicom._standard_utils import does_iod_have_pixel_data
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -134,6 +135,7 @@ def _read(src: Path, redact_overviews: bool, max_whole_bytes: int) -> _Source:
             fp.seek(0)
             dataset = pydicom.dcmread(fp, force=True)
             _decode_all(dataset)
+            _check_meta_agrees(dataset)
             return _Source(dataset, syntax, None, None, None)
         pixel_end, pixel_tag = _pixel_extent(fp, pixel_start, size, syntax)
         if pixel_end < size:
@@ -145,6 +147,7 @@ def _read(src: Path, redact_overviews: bool, max_whole_bytes: int) -> _Source:
         _check_complete(fp, dataset_start, pixel_start, syntax)
         _check_complete(fp, pixel_end, size, syntax)
     _decode_all(header)
+    _check_meta_agrees(header)
     if pixel_tag is None and _iod_has_pixel_data(str(header.get("SOPClassUID", ""))):
         raise MalformedError("the IOD has pixel data but the file has none (truncated?)")
     return _Source(header, syntax, (pixel_start, pixel_end), pixel_tag, pixel_tag is not None)
@@ -177,43 +180,83 @@ def _check_complete(fp: BinaryIO, start: int, end: int, syntax: UID) -> None:
         offset = _element_end(data, offset, syntax.is_implicit_VR, syntax.is_little_endian)
 
 
-def _element_end(data: bytes, offset: int, implicit: bool, little: bool) -> int:
-    """The end of the element (or item) at ``offset`` in ``data``; walks nested
-    items of undefined length and checks every length against the data."""
+def _element_end(data: bytes, offset: int, implicit: bool, little: bool, bound: int | None = None) -> int:
+    """The end of the element (or item) at ``offset`` in ``data``. Sequences and
+    items are walked, of defined length or not: a sequence must hold items,
+    an item elements, and every length must fit in what holds it (``bound``,
+    by default the end of ``data``)."""
     endian = "<" if little else ">"
-    if len(data) - offset < 8:
+    limit = len(data) if bound is None else bound
+    if limit - offset < 8:
         raise MalformedError("truncated element header")
     group, element = struct.unpack_from(endian + "HH", data, offset)
+    is_item = (group, element) == (0xFFFE, 0xE000)
     vr = data[offset + 4 : offset + 6]
     if group == 0xFFFE or implicit:
         (length,) = struct.unpack_from(endian + "L", data, offset + 4)
         body = offset + 8
-        vr = b"SQ" if group == 0xFFFE else b""
+        vr = b"SQ" if group == 0xFFFE else _implicit_vr((group << 16) | element)
     elif vr in _LONG_VRS:
-        if len(data) - offset < 12:
+        if limit - offset < 12:
             raise MalformedError("truncated element header")
         (length,) = struct.unpack_from(endian + "L", data, offset + 8)
         body = offset + 12
     else:
         (length,) = struct.unpack_from(endian + "H", data, offset + 6)
         body = offset + 8
+    nested = is_item or vr == b"SQ"
+    inner_implicit = implicit or (vr == b"UN" and not is_item)  # UN sequences are implicit VR
     if length != _UNDEFINED:
-        if body + length > len(data):
+        end = body + length
+        if end > limit:
             raise MalformedError("an element runs past the end of its region")
-        return int(body + length)
+        if nested:
+            _walk_children(data, body, end, inner_implicit, little, items=not is_item)
+        return int(end)
     if vr not in (b"SQ", b"UN", b""):
         raise MalformedError("undefined length on a value that cannot have one")
-    # Undefined length: items (or, inside an item, elements) up to the delimiter.
-    is_item = (group, element) == (0xFFFE, 0xE000)
     delimiter = (0xFFFE, 0xE00D) if is_item else (0xFFFE, 0xE0DD)
-    inner_implicit = implicit or (vr == b"UN" and not is_item)  # UN sequences are implicit VR
     cursor = body
     while True:
-        if len(data) - cursor < 8:
+        if limit - cursor < 8:
             raise MalformedError("a sequence or item has no delimiter")
-        if struct.unpack_from(endian + "HH", data, cursor) == delimiter:
+        child = struct.unpack_from(endian + "HH", data, cursor)
+        if child == delimiter:
             return cursor + 8
-        cursor = _element_end(data, cursor, inner_implicit, little)
+        if not is_item and child != (0xFFFE, 0xE000):
+            raise MalformedError("a sequence holds something other than items")
+        cursor = _element_end(data, cursor, inner_implicit, little, limit)
+
+
+def _walk_children(data: bytes, start: int, end: int, implicit: bool, little: bool, items: bool) -> None:
+    """Check the items of a sequence (``items``) or the elements of an item."""
+    endian = "<" if little else ">"
+    cursor = start
+    while cursor < end:
+        if end - cursor < 8:
+            raise MalformedError("truncated element header")
+        if items and struct.unpack_from(endian + "HH", data, cursor) != (0xFFFE, 0xE000):
+            raise MalformedError("a sequence holds something other than items")
+        cursor = _element_end(data, cursor, implicit, little, end)
+
+
+def _implicit_vr(tag: int) -> bytes:
+    """In implicit VR only the dictionary tells a sequence from other values."""
+    try:
+        return b"SQ" if dictionary_VR(tag) == "SQ" else b""
+    except KeyError:
+        return b""
+
+
+def _check_meta_agrees(dataset: Dataset) -> None:
+    """A file whose meta names another instance than its dataset is not trusted."""
+    meta = dataset.file_meta
+    for meta_keyword, keyword in (
+        ("MediaStorageSOPInstanceUID", "SOPInstanceUID"),
+        ("MediaStorageSOPClassUID", "SOPClassUID"),
+    ):
+        if meta_keyword in meta and keyword in dataset and meta[meta_keyword].value != dataset[keyword].value:
+            raise MalformedError(f"the file meta's {meta_keyword} contradicts the dataset")
 
 
 def _decode_all(dataset: Dataset) -> None:
