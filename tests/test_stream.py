@@ -430,3 +430,17 @@ def test_large_volume_is_streamed_without_loading_the_pixel_data(
     # Every byte from the pixel data element to the end is the input's.
     assert out.stat().st_size - _pixel_start(out) == large.stat().st_size - _pixel_start(large)
     assert _sha256_range(out, _pixel_start(out)) == _sha256_range(large, _pixel_start(large))
+
+
+def test_check_file_agrees_with_deidentify_file(
+    deid: Deidentifier, inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    from gateway.deid.stream import check_file
+
+    assert check_file(inputs["jpeg-basic-offset-table"]) is None
+    broken = tmp_path / "broken.dcm"
+    for kind in ("truncated-header", "item-tag-corrupted", "non-dicom", "truncated-after-pixel-data"):
+        broken.write_bytes(_malformed(kind, inputs, tmp_path))
+        reason = check_file(broken)
+        assert reason is not None and "readable" in reason
+        assert deid.deidentify_file(broken, tmp_path / "out.dcm").outcome is Outcome.QUARANTINED

@@ -96,6 +96,28 @@ def deidentify_file(
     return report
 
 
+def check_file(src: Path) -> str | None:
+    """Whether ``src`` is an instance the engine can read: ``None`` if so,
+    otherwise a PHI-free sentence saying why not.
+
+    The same parse and structure checks :func:`deidentify_file` makes, without
+    de-identifying: cheap enough to run before acknowledging a C-STORE (the
+    header is parsed, the pixel data only walked item by item).
+    """
+    try:
+        _read(src, False, MAX_WHOLE_BYTES)
+    except _RefusedError as refused:
+        return refused.report.detail
+    except Exception as exc:  # whatever the parser trips over, the file is unreadable
+        return f"not a readable DICOM instance ({type(exc).__name__}: {_safe_reason(exc)})"
+    return None
+
+
+def _safe_reason(exc: Exception) -> str:
+    """Only this module's own messages (fixed text, no values) are repeated."""
+    return str(exc) if isinstance(exc, MalformedError) else "parse error"
+
+
 @dataclass
 class _Source:
     """A parsed input: the header (or, read whole, the dataset) and where its
