@@ -215,6 +215,9 @@ class Config:
     metrics: Metrics | None
     #: The audit store: an SQLite file path or a database URL (``postgresql://...``).
     audit_url: str
+    #: Where the UID and patient-ID mappings (``id_old,id_new`` CSV) are written;
+    #: ``None``: not written.
+    mapping_dir: Path | None = None
     #: True for the embedded defaults: the key is then generated on first start.
     generate_key: bool = field(default=False)
 
@@ -426,6 +429,7 @@ _TOP_KEYS = (
     "forwarding",
     "metrics",
     "audit",
+    "mapping_dir",
 )
 
 #: Database URL schemes the audit trail can use (through SQLAlchemy).
@@ -551,6 +555,7 @@ def parse_config(data: object, base: Path, generate_key: bool = False) -> Config
         ),
         metrics=metrics,
         audit_url=_audit_url(top, spool_dir),
+        mapping_dir=top.path_value("mapping_dir") if top.has("mapping_dir") else None,
         generate_key=generate_key,
     )
 

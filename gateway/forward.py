@@ -32,6 +32,7 @@ from structlog.typing import FilteringBoundLogger
 from gateway import metrics
 from gateway.audit import AuditEntry, AuditTrail, sha256_file
 from gateway.config import Config, DicomDestination, FolderDestination, Route
+from gateway.deid.mapping import MappingWriter
 from gateway.deid.profile import Profile
 from gateway.deid.report import DeidReport, Outcome
 from gateway.health import writable_directory_check
@@ -308,6 +309,8 @@ class Forwarder:
         self.quarantine = quarantine
         self.engines = engines
         self.audit = audit
+        # Evidence of what replaced what, written before an instance is delivered.
+        self.mappings = MappingWriter(config.mapping_dir) if config.mapping_dir is not None else None
         self.scheduler = Scheduler()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -513,6 +516,8 @@ class Forwarder:
                     counted=report.outcome is Outcome.QUARANTINED,
                 )
                 return
+            if self.mappings is not None:
+                self.mappings.add(report)
             self._deliver(job, route, output, report)
         finally:
             output.unlink(missing_ok=True)

@@ -9,12 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from gateway.deid import Deidentifier, Outcome, SecretKey, load_profile
 from gateway.deid.profile import Profile
+from gateway.synthetic import PlantedPHI
 from tests.test_engine import instance, sr_document
 
 KEY = SecretKey(b"verify-test-key-0123456789abcdefghij")
@@ -133,7 +135,7 @@ def test_deliberately_kept_values_are_not_flagged(tmp_path: Path) -> None:
 
 
 def _study(tmp_path: Path) -> Path:
-    from gateway.synthetic import PlantedPHI, write_study
+    from gateway.synthetic import write_study
 
     folder = tmp_path / "in"
     write_study(folder, PlantedPHI.create(seed=5), slides=1)
@@ -167,8 +169,6 @@ def test_mapping_dir_and_batch_verify(tmp_path: Path) -> None:
     assert "outputs with hits:  0" in clean.stdout
     assert "unaddressed attributes" in clean.stdout and "(0009,1001)" in clean.stdout
     # Tamper with one output: an original UID and the patient's name, in a private tag.
-    import pydicom
-
     victim = next(out.rglob("*.dcm"))
     ds = pydicom.dcmread(victim)
     original_uid = next(old for old in uid_rows if old != "id_old")
@@ -182,3 +182,38 @@ def test_mapping_dir_and_batch_verify(tmp_path: Path) -> None:
     assert dirty.returncode == 1
     assert "outputs with hits:  1" in dirty.stdout and "(0011,1001) (uid)" in dirty.stdout
     assert original_uid not in dirty.stdout
+
+
+def test_serve_writes_mappings_for_what_it_delivers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from gateway.config import DEFAULT_CONFIG_YAML, parse_config
+    from gateway.node import Node
+    from gateway.synthetic import write_slide
+    from tests.test_node_edges import send, wait_idle
+
+    monkeypatch.chdir(tmp_path)
+    data = yaml.safe_load(DEFAULT_CONFIG_YAML)
+    data["listen"]["port"] = 0
+    data["metrics"]["port"] = 0
+    data["mapping_dir"] = "evidence"
+    node = Node(parse_config(data, tmp_path, generate_key=True))
+    node.start()
+    try:
+        assert node.address is not None
+        phi = PlantedPHI.create(seed=21)
+        files = write_slide(tmp_path / "slide", phi, levels=1, label=False, overview=False)
+        for path in files:
+            assert send(node.address[1], path) == (True, 0)
+        wait_idle(node)
+    finally:
+        node.stop()
+    archived = list((tmp_path / "gateway-data" / "archive").rglob("*.dcm"))
+    assert len(archived) == len(files)
+    evidence = tmp_path / "evidence"
+    assert evidence.stat().st_mode & 0o777 == 0o700
+    uid_rows = dict(list(csv.reader((evidence / "uid_mapping.csv").open()))[1:])
+    patient_rows = dict(list(csv.reader((evidence / "patient_id_mapping.csv").open()))[1:])
+    assert patient_rows == {phi.patient_id: pydicom.dcmread(archived[0]).PatientID}
+    for path in archived:
+        assert pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID in uid_rows.values()

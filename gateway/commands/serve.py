@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
@@ -28,6 +29,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--config", type=Path, default=None, metavar="FILE", help="YAML configuration file"
     )
+    parser.add_argument(
+        "--mapping-dir", type=Path, default=None, metavar="DIR",
+        help="write uid_mapping.csv and patient_id_mapping.csv (id_old,id_new) here, "
+        "owner-readable only (overrides the configuration's mapping_dir)",
+    )  # fmt: skip
     parser.set_defaults(func=_serve)
 
 
@@ -35,6 +41,8 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging()
     try:
         config = load_config(args.config)
+        if args.mapping_dir is not None:
+            config = dataclasses.replace(config, mapping_dir=args.mapping_dir.resolve())
         from gateway.node import Node  # the engine loads profiles: only when serving
 
         node = Node(config)
