@@ -7,6 +7,7 @@ and replica, and references between instances stay intact.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 from pydicom._uid_dict import UID_dictionary
@@ -18,10 +19,19 @@ STANDARD_ROOT = "1.2.840.10008."
 MAX_UID_LENGTH = 64
 
 
+_UID_SYNTAX = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
 def is_well_known(uid: str) -> bool:
     """True for UIDs of the standard's registry (SOP classes, transfer syntaxes,
-    coding schemes, well-known frames of reference, ...), which identify no one."""
-    return uid in UID_dictionary or uid.startswith(STANDARD_ROOT)
+    coding schemes, well-known frames of reference, ...), which identify no one.
+
+    A value under the standard's root that is not a syntactically valid UID
+    is not one of them, whatever it starts with.
+    """
+    return uid in UID_dictionary or (
+        uid.startswith(STANDARD_ROOT) and len(uid) <= MAX_UID_LENGTH and bool(_UID_SYNTAX.fullmatch(uid))
+    )
 
 
 class UIDRemapper:
