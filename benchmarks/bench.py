@@ -417,7 +417,13 @@ def _table(results: dict[str, Any]) -> str:
 
 def _machine() -> dict[str, Any]:
     dcmtk = subprocess.run([STORESCU, "--version"], capture_output=True, text=True, check=False)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                            check=False)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "gateway"],
+                           cwd=ROOT, capture_output=True, text=True, check=False)
     return {
+        "commit": commit.stdout.strip(),
+        "gateway_tree_modified": bool(dirty.stdout.strip()),
         "cpus": os.cpu_count(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "kernel": platform.release(),
@@ -455,8 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-huge", action="store_true",
                         help="skip the 4 GB instance and so the memory-flatness check")
     parser.add_argument("--no-orthanc", action="store_true", help="skip Orthanc even if installed")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per mode (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per mode (default 5, at least 3)")
     args = parser.parse_args(argv)
+    if args.rounds < 3:
+        parser.error("--rounds must be at least 3")
     plan = _plan(args)
     DATA.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
