@@ -91,6 +91,8 @@ NODE_REASONS: Final = frozenset(
     {
         "instance-too-large",
         "no-route",
+        "malformed-data-set",
+        "data-set-mismatch",
         "spool-full",
         "spool-write-failed",
         "route-missing",
@@ -202,6 +204,13 @@ INSTANCES_RECEIVED: Final = Counter(
     "instances_received",
     "Instances received by C-STORE and written to the spool, by SOP class.",
     ["sop_class"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+INSTANCES_REFUSED: Final = Counter(
+    "instances_refused",
+    "C-STORE requests answered with a failure status at receipt, by reason.",
+    ["sop_class", "reason"],
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
@@ -346,6 +355,11 @@ def record_received(sop_class_uid: str | None, size_bytes: int) -> None:
     """Count one instance received into the spool and its size."""
     INSTANCES_RECEIVED.labels(sop_class=sop_class_label(sop_class_uid)).inc()
     RECEIVED_BYTES.inc(max(size_bytes, 0))
+
+
+def record_refused(sop_class_uid: str | None, reason: str) -> None:
+    """Count one C-STORE answered with a failure status; nothing of it was kept."""
+    INSTANCES_REFUSED.labels(sop_class=sop_class_label(sop_class_uid), reason=reason_label(reason)).inc()
 
 
 def record_deidentified(

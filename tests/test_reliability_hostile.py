@@ -1,25 +1,35 @@
 """Hostile input: the malformed corpus through the engine and through a running node.
 
-The node does not parse data sets at the network edge (it streams them to the
-spool and answers once they are durable), so a malformed data set is
-answered Success and then held in quarantine by the engine with a reason
-(see docs/network.md, "Malformed data sets"). What must never happen: a
-crash, a hang, an exception out of the engine, or anything forwarded.
+Before answering a C-STORE the node runs the engine's own parse and structure
+checks (``check_file``) on the received file: a data set that cannot be read
+is answered 0xC210 and removed, one whose SOP Class or Instance UID
+contradicts the request 0xA900 (see docs/network.md, "Malformed data sets").
+A data set that parses but is not fit to forward (an empty one, a value with
+the wrong VR) is acknowledged and then held in quarantine by the engine with a
+reason. What must never happen: a crash, a hang, an exception out of the
+engine, or anything forwarded.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway import logs, metrics
 from gateway.config import parse_config
 from gateway.deid import Deidentifier, Outcome, SecretKey, load_profile
+from gateway.deid.stream import check_file
 from gateway.node import Node
+from gateway.receive import STATUS_DATA_SET_MISMATCH, STATUS_MALFORMED
 from tests.fuzz.make_corpus import CORPUS, huge_value, part10, write_corpus
 from tests.reliability import CALLING, send_one, wait_until
 
@@ -30,7 +40,11 @@ ENGINE_CASES = [
     if p.stem in ENGINE_PASSES else pytest.param(p, id=p.stem)
     for p in CASES
 ]
-FAILURE_STATUSES = range(0xA700, 0xAA00), range(0xC000, 0xD000)
+#: Cases whose data set parses: the node acknowledges them and the engine
+#: quarantines them with this reason.
+PARSED: dict[str, str] = {"empty-data-set": "missing-sop-uids", "wrong-vr-us-name": "rewrite-failed"}
+#: The data set names another instance than the C-STORE request (and its File Meta).
+MISMATCHED = {"meta-other-instance"}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +94,37 @@ def test_engine_never_raises_and_never_writes_garbage(
         assert not out.exists()
 
 
+def test_check_file_rejects_every_case_but_those_that_parse() -> None:
+    """The node's answers below rest on this split of the corpus."""
+    verdicts = {case.stem: check_file(case) for case in CASES}
+    assert {stem for stem, problem in verdicts.items() if problem is None} == set(PARSED)
+    for stem, problem in verdicts.items():
+        assert problem is None or "PHIFUZZ" not in problem, stem
+
+
+def expected_status(case: Path) -> int:
+    if case.stem in PARSED:
+        return 0x0000
+    return STATUS_DATA_SET_MISMATCH if case.stem in MISMATCHED else STATUS_MALFORMED
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """The gateway's JSON log lines, as ``serve`` writes them, for one test."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    stream = io.StringIO()
+    logs.configure_logging(stream, json=True)
+    yield stream
+    structlog.contextvars.clear_contextvars()
+    structlog.reset_defaults()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in saved_handlers:
+        root.addHandler(handler)
+    root.setLevel(saved_level)
+
+
 @pytest.fixture
 def node(tmp_path: Path, key_file: Path) -> Iterator[Node]:
     config = parse_config({
@@ -98,35 +143,53 @@ def node(tmp_path: Path, key_file: Path) -> Iterator[Node]:
     running.stop()
 
 
+def refused_count(reason: str) -> float:
+    value = metrics.REGISTRY.get_sample_value(
+        "deid_gateway_instances_refused_total", {"sop_class": "ComprehensiveSRStorage", "reason": reason}
+    )
+    return 0.0 if value is None else value
+
+
 @pytest.mark.integration
-def test_node_answers_each_malformed_case_and_forwards_nothing(
-    node: Node, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+def test_node_refuses_each_unreadable_case_and_forwards_nothing(
+    log_lines: io.StringIO, node: Node, tmp_path: Path
 ) -> None:
     assert node.address is not None
     port = node.address[1]
-    # The cases the engine wrongly passes (xfail above) would be forwarded too.
-    cases = [c for c in CASES if c.stem not in ENGINE_PASSES]
-    outcomes = {}
-    for case in cases:
+    before = {r: refused_count(r) for r in ("malformed-data-set", "data-set-mismatch")}
+    statuses = {}
+    for case in CASES:
         started = time.monotonic()
         status = send_one(port, case, timeout=60)
         assert time.monotonic() - started < 60, case.name
-        assert status is not None, f"{case.name}: no status"
-        assert status == 0 or any(status in r for r in FAILURE_STATUSES), hex(status)
-        outcomes[case.stem] = status
+        statuses[case.stem] = status
+        # Nothing of a refused data set is left on disk.
+        assert list(node.spool.incoming.iterdir()) == [], case.name
+    assert statuses == {case.stem: expected_status(case) for case in CASES}
     assert wait_until(node.idle, 60)
-    assert not (tmp_path / "archive").exists() or list((tmp_path / "archive").rglob("*.dcm")) == []
-    held = {node.quarantine.get(i).reason.code for i in node.quarantine.ids()}
-    accepted = sum(1 for s in outcomes.values() if s == 0)
-    assert len(node.quarantine.ids()) == accepted, (outcomes, held)
+    assert list((tmp_path / "archive").rglob("*")) == []
+    held = sorted(node.quarantine.get(i).reason.code for i in node.quarantine.ids())
+    assert held == sorted(PARSED.values())
+    refused = [c for c in CASES if c.stem not in PARSED]
+    assert refused_count("malformed-data-set") - before["malformed-data-set"] == len(refused) - len(
+        MISMATCHED)
+    assert refused_count("data-set-mismatch") - before["data-set-mismatch"] == len(MISMATCHED)
+    lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    refusals = [line for line in lines if line["event"] == "instance.refused"]
+    assert sorted((line["reason"], line["status"]) for line in refusals) == sorted(
+        ("data-set-mismatch" if c.stem in MISMATCHED else "malformed-data-set", expected_status(c))
+        for c in refused
+    )
+    assert all("redacted_fields" not in line for line in refusals)
+    assert "PHIFUZZ" not in log_lines.getvalue() and "2.25.1700" not in log_lines.getvalue()
     # A 100 MB value in a 64-character VR: answered within a minute, and the
     # value never leaves (the research profile replaces the attribute).
     started = time.monotonic()
     assert send_one(port, huge_value(tmp_path / "huge.dcm"), timeout=60) is not None
     assert wait_until(node.idle, 60) and time.monotonic() - started < 60
     for path in (tmp_path / "archive").rglob("*.dcm"):
-        assert b"PHIFUZZHUGE" not in path.read_bytes()
+        assert b"PHIFUZZ" not in path.read_bytes()
     # Still serving after all of it.
-    assert send_one(port, CORPUS / "not-dicom.dcm") is not None
-    print(f"{len(cases)} malformed cases: {accepted} quarantined ({sorted(held)}), "
-          f"{len(cases) - accepted} refused")
+    assert send_one(port, CORPUS / "not-dicom.dcm") == STATUS_MALFORMED
+    print(f"{len(CASES)} malformed cases: {len(refused)} refused at receipt "
+          f"({sorted({hex(s or 0) for s in statuses.values()})}), {len(held)} quarantined ({held})")
