@@ -15,6 +15,7 @@ import heapq
 import itertools
 import os
 import queue
+import shutil
 import ssl
 import threading
 import time
@@ -263,6 +264,27 @@ class DicomLink:
             self.assoc = None
 
 
+#: A folder destination's files are written here, at its root, then renamed
+#: into place; :func:`open_folder` empties it at start-up, so a kill during a
+#: write leaves nothing behind (and nothing half-written is ever in place).
+PARTIAL_DIR = ".partial"
+
+
+def open_folder(dest: FolderDestination) -> None:
+    """Create a folder destination and empty its :data:`PARTIAL_DIR`.
+
+    Replicas sharing one folder each empty it when they start: a write of
+    another replica caught by that fails its rename and is retried.
+    """
+    partial = dest.folder / PARTIAL_DIR
+    partial.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for child in partial.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink(missing_ok=True)
+
+
 def write_to_folder(dest: FolderDestination, path: Path) -> None:
     """Place ``path`` at ``<folder>/<Study>/<Series>/<SOPInstance>.dcm`` atomically."""
     ds = dcmread(
@@ -279,7 +301,7 @@ def write_to_folder(dest: FolderDestination, path: Path) -> None:
     directory = dest.folder.joinpath(*parts[:2])
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{parts[2]}.dcm"
-    tmp = directory / f".{parts[2]}.{threading.get_ident()}.tmp"
+    tmp = dest.folder / PARTIAL_DIR / f"{parts[2]}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         with path.open("rb") as src, tmp.open("wb") as dst:
             while chunk := src.read(4 * 2**20):
@@ -354,7 +376,7 @@ class Forwarder:
         """
         dest = self.config.destination(name)
         if isinstance(dest, FolderDestination):
-            return writable_directory_check(dest.folder)()
+            return writable_directory_check(dest.folder / PARTIAL_DIR)()
         link = self._links[name]
         with link.lock:
             link.close()

@@ -77,20 +77,26 @@ def expected_uids(paths: Iterable[Path], key: SecretKey, scratch: Path) -> dict[
 def archived(directories: Iterable[Path]) -> list[tuple[str, bytes]]:
     """(SOP Instance UID, content) of every DICOM file under ``directories``.
 
-    Hidden files (temporary names of a folder destination) are not archived
-    instances and are left out; :func:`hidden_files` lists them.
+    Hidden files and directories (a folder destination's ``.partial/`` for
+    writes in progress) are not archived instances and are left out;
+    :func:`hidden_files` lists them.
     """
     found = []
     for directory in directories:
         for path in sorted(directory.rglob("*")):
-            if path.is_file() and not path.name.startswith("."):
+            if path.is_file() and not _hidden(path, directory):
                 found.append((str(dcmread(path, stop_before_pixels=True).SOPInstanceUID),
                               path.read_bytes()))
     return found
 
 
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def hidden_files(directory: Path) -> list[Path]:
-    return [p for p in directory.rglob(".*") if p.is_file()]
+    """Files under ``directory`` with a hidden name or in a hidden directory."""
+    return [p for p in directory.rglob("*") if p.is_file() and _hidden(p, directory)]
 
 
 def send_one(port: int, path: Path, calling: str = CALLING, timeout: float = 30) -> int | None:

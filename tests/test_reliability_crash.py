@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 
 from gateway.deid import SecretKey
+from gateway.forward import PARTIAL_DIR
 from gateway.synthetic import PlantedPHI
 from tests.peers import DCMTK_ENV, STORESCP, Gateway, free_port, stop, wait_for_port
 from tests.reliability import (
@@ -36,7 +38,8 @@ SEED = 7
 
 
 def leftovers(spool: Path, folder: Path) -> set[Path]:
-    """Files a killed gateway may leave half-written: never acknowledged or not yet delivered."""
+    """Files a killed gateway may leave half-written: never acknowledged or not yet
+    delivered, and the folder destination's writes in progress (``.partial/``)."""
     found = {p for sub in ("incoming", "work", "done") for p in (spool / sub).rglob("*")}
     return found | set(hidden_files(folder))
 
@@ -64,7 +67,7 @@ def test_sigkill_twenty_times_loses_nothing_acknowledged_and_forwards_nothing_el
     ))
     spool = tmp_path / "gw" / "spool"
     sender: Sender | None = None
-    phases = {"incoming": 0, "work": 0, "ready": 0}
+    phases = {"incoming": 0, "work": 0, "ready": 0, "partial": 0}
     try:
         wait_for_port(scp_port, scp)
         gateway.start()
@@ -77,6 +80,7 @@ def test_sigkill_twenty_times_loses_nothing_acknowledged_and_forwards_nothing_el
             phases["incoming"] += any((spool / "incoming").iterdir())
             phases["work"] += any((spool / "work").iterdir())
             phases["ready"] += any((spool / "ready").iterdir())
+            phases["partial"] += any((folder / PARTIAL_DIR).iterdir())
             gateway.start()
             still = {p for p in left if p.exists()}
             assert not still, f"half-written files survived the restart: {sorted(still)[:3]}"
@@ -109,6 +113,14 @@ def test_sigkill_twenty_times_loses_nothing_acknowledged_and_forwards_nothing_el
         for uid, content in arrivals:
             assert contents.setdefault(uid, content) == content, f"{name}: two versions of one UID"
         print(f"{name}: {len(uids)} instances, {len(arrivals) - len(uids)} repeated deliveries")
+    # Nothing but whole instances in place: no temporary file of a write a
+    # kill interrupted, in .partial/ or anywhere else, and the layout holds.
     assert hidden_files(folder) == []
+    assert list((folder / PARTIAL_DIR).iterdir()) == []
+    for path in (p for p in folder.rglob("*") if p.is_file()):
+        study, series, name = path.relative_to(folder).parts
+        ds = dcmread(path, stop_before_pixels=True)
+        assert (study, series, name) == (ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                         f"{ds.SOPInstanceUID}.dcm")
     print(f"{KILLS} kills in {elapsed:.1f} s, sender: {sender.attempts} C-STOREs, "
           f"{sender.failures} failures; kill found work in {phases}")
