@@ -11,17 +11,17 @@ import contextlib
 import time
 from collections.abc import Mapping
 from functools import partial
-from pathlib import Path
 
 from structlog.typing import FilteringBoundLogger
 
 from gateway import __version__, metrics
 from gateway.audit import AuditTrail
-from gateway.config import Config, ConfigError
+from gateway.config import Config, ConfigError, FolderDestination
 from gateway.deid.engine import Deidentifier
 from gateway.deid.keys import KeyLoadError, generate_key_file, load_key
 from gateway.deid.profile import ProfileError, load_profile
-from gateway.forward import Engine, Forwarder
+from gateway.deid.stream import load_tables
+from gateway.forward import Engine, Forwarder, open_folder
 from gateway.health import HealthServer, writable_directory_check
 from gateway.logs import get_logger
 from gateway.monitor import DestinationMonitor
@@ -94,9 +94,8 @@ class Node:
         pending = self.spool.open()
         self.quarantine.open()
         for dest in self.config.destinations:
-            folder = getattr(dest, "folder", None)
-            if isinstance(folder, Path):
-                folder.mkdir(parents=True, exist_ok=True)
+            if isinstance(dest, FolderDestination):
+                open_folder(dest)
         self.audit = AuditTrail(self.config.audit_url)
         self.forwarder = Forwarder(self.config, self.spool, self.quarantine, self.engines, self.audit)
         self.receiver = Receiver(self.config, self.spool, self.forwarder.submit)
@@ -119,6 +118,7 @@ class Node:
             self.health.start()
         self.forwarder.start(pending)
         self.monitor.start()
+        load_tables()
         self.address = self.receiver.start()
         _log().info(
             "node.started",

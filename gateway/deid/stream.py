@@ -14,6 +14,7 @@ Deflated datasets and OVERVIEW images that are to be redacted are read whole
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import struct
 from dataclasses import dataclass
@@ -111,6 +112,12 @@ def check_file(src: Path) -> str | None:
     except Exception as exc:  # whatever the parser trips over, the file is unreadable
         return f"not a readable DICOM instance ({type(exc).__name__}: {_safe_reason(exc)})"
     return None
+
+
+def load_tables() -> None:
+    """Load the IOD tables :func:`check_file` consults (about half a second,
+    once per process), so that the first instance received does not wait."""
+    _iod_has_pixel_data("1.2.840.10008.5.1.4.1.1.77.1.6")  # VL Whole Slide Microscopy
 
 
 def _safe_reason(exc: Exception) -> str:
@@ -288,7 +295,10 @@ def _decode_all(dataset: Dataset) -> None:
         pass
 
 
+@functools.lru_cache(maxsize=256)
 def _iod_has_pixel_data(sop_class_uid: str) -> bool:
+    """Cached: highdicom scans its IOD tables on each call (several ms), and
+    :func:`check_file` runs before every C-STORE is answered."""
     try:
         return bool(does_iod_have_pixel_data(sop_class_uid))
     except KeyError:  # an IOD the tables do not know: nothing to check against
