@@ -79,9 +79,14 @@ def fsync_file(path: Path) -> None:
 
 
 def write_json_atomic(path: Path, data: object) -> None:
-    """Write ``data`` beside ``path``, fsync it, and rename it over ``path``."""
+    """Write ``data`` beside ``path``, fsync it, and rename it over ``path``.
+
+    The file is owner-only whatever the umask, like everything in the spool
+    and the quarantine.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    tmp.unlink(missing_ok=True)  # left by a crash, perhaps with another mode
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as fh:
         json.dump(data, fh)
         fh.flush()
         os.fsync(fh.fileno())
