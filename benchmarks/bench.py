@@ -106,6 +106,10 @@ def _volume(target: int) -> Path:
     return path
 
 
+def _study_dir(count: int, target: int) -> Path:
+    return DATA / f"study-{count}x{target // 1000}kB"
+
+
 def _study(count: int, target: int) -> list[Path]:
     """A study of ``count`` VOLUME instances of about ``target`` bytes each, made once.
 
@@ -118,7 +122,7 @@ def _study(count: int, target: int) -> list[Path]:
 
     from gateway.synthetic import PlantedPHI, write_large_volume
 
-    directory = DATA / f"study-{count}x{target // 1000}kB"
+    directory = _study_dir(count, target)
     done = directory / ".complete"
     if not done.is_file():
         log(f"writing {directory.name}")
@@ -442,11 +446,20 @@ def _plan(args: argparse.Namespace) -> Plan:
         plan = Plan(GB, 4 * GB, 2 * GB, 200, MB, args.rounds, not args.no_orthanc)
     if args.no_huge:
         plan.huge_bytes = None
+    DATA.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(DATA).free
+    missing = sum(
+        size for size in (plan.large_bytes, plan.deid_bytes)
+        if not (DATA / f"volume-{size // MB}MB.dcm").is_file()
+    )
+    if not (_study_dir(plan.study_count, plan.study_instance_bytes) / ".complete").is_file():
+        missing += plan.study_count * plan.study_instance_bytes
+    need = missing + SCRATCH_FACTOR * max(plan.large_bytes, plan.deid_bytes) + 2 * GB
+    if free < need:
+        sys.exit(f"benchmarks/run: {free / GB:.1f} GB free in {DATA}, {need / GB:.1f} GB needed")
     if plan.huge_bytes is not None:
-        DATA.mkdir(parents=True, exist_ok=True)
         exists = (DATA / f"volume-{plan.huge_bytes // MB}MB.dcm").is_file()
-        need = (0 if exists else plan.huge_bytes) + SCRATCH_FACTOR * plan.huge_bytes + 2 * GB
-        free = shutil.disk_usage(DATA).free
+        need = (0 if exists else plan.huge_bytes) + missing + SCRATCH_FACTOR * plan.huge_bytes + 2 * GB
         if free < need:
             log(f"only {free / GB:.1f} GB free, {need / GB:.1f} GB needed: skipping the "
                 f"{plan.huge_bytes // GB} GB instance and the memory-flatness check")
