@@ -354,7 +354,7 @@ def orthanc_benchmark(work: Workload, rounds: int, archive: Storescp, scratch: P
 # Report
 
 
-def _targets(results: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
+def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     relay = results["relay"]
     large, study = relay["large"], relay["study"]
     peaks = [w["gateway_peak_rss_mb"] for w in relay.values()]
@@ -492,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": "benchmarks/run " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": _machine(),
-        "plan": {k: v for k, v in vars(plan).items()},
+        "plan": dict(vars(plan)),
         "relay": {},
     }
     with tempfile.TemporaryDirectory(prefix="bench-", dir=DATA) as tmp:
@@ -512,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             baseline.stop()
             archive.stop()
-    results["targets"] = _targets(results, plan)
+    results["targets"] = _targets(results)
     results["passed"] = all(t["ok"] for t in results["targets"])
     results["duration_s"] = round(time.monotonic() - started, 1)
     table = _table(results)
