@@ -5,32 +5,109 @@ choice depends on whether the attribute is Type 1, 2 or 3 in the IOD of the
 instance being de-identified. highdicom ships the IOD-to-module and
 module-to-attribute tables of the standard; this module indexes them by
 (enclosing sequence path, keyword).
+
+highdicom's own loader keeps the whole module-attribute table in memory
+(about 100,000 entries, over 100 MB of Python objects, for the life of the
+process). The engine needs the Types of far fewer attributes: those the
+table names, dates, person names and content text. So the table is read
+here line by line, keeping only those, in about 3 MB. If the file's layout
+ever changes so that the line reader finds nothing, the whole table is
+loaded with ``json`` instead: slower and larger, never wrong.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import sys
+import threading
+from collections.abc import Iterable
 from functools import cache
+from importlib import resources
 
-from highdicom._standard_utils import (
-    get_iod_module_map,
-    get_module_attribute_map,
-    get_sop_class_iod_map,
-)
+from highdicom._standard_utils import get_iod_module_map, get_sop_class_iod_map
+from pydicom._dicom_dict import DicomDictionary
+from pydicom.datadict import keyword_for_tag
+
+from gateway.deid.standard import TagPattern, confidentiality_table
 
 #: Path of enclosing sequence keywords, outermost first.
 Path = tuple[str, ...]
+#: (path, keyword) -> Type, for one module.
+ModuleTypes = dict[tuple[Path, str], str]
 
 _STRICTNESS = {"1": 0, "1C": 1, "2": 2, "2C": 3, "3": 4}
+_TABLE_FILE = "_standard/module_attribute_map.json"
+_lock = threading.Lock()
+
+
+def _needed_keywords() -> frozenset[str]:
+    """The attributes whose Type the engine may ask for."""
+    table = {
+        keyword_for_tag(row.tag) for row in confidentiality_table().rows if row.pattern is TagPattern.EXACT
+    }
+    by_vr = {entry[4] for entry in DicomDictionary.values() if entry[0] in ("DA", "DT", "PN")}
+    return frozenset((table | by_vr | {"TextValue"}) - {""})
+
+
+_MODULE = re.compile(rb'^  "([^"]+)": \[')
+_STRING = re.compile(rb'"([^"]*)"')
+
+
+def _read_lines(lines: Iterable[bytes], needed: frozenset[str]) -> dict[str, ModuleTypes]:
+    """Parse highdicom's pretty-printed table one line at a time."""
+    modules: dict[str, ModuleTypes] = {}
+    paths: dict[Path, Path] = {}
+    current: ModuleTypes | None = None
+    keyword = kind = ""
+    path: list[str] | None = None
+    for line in lines:
+        text = line.strip()
+        if (match := _MODULE.match(line)) is not None:
+            current = modules.setdefault(match.group(1).decode(), {})
+        elif text.startswith(b'"keyword"'):
+            keyword = _STRING.findall(text)[1].decode()
+        elif text.startswith(b'"type"'):
+            kind = sys.intern(_STRING.findall(text)[1].decode())
+        elif text.startswith(b'"path": [') and current is not None:
+            if text.startswith(b'"path": []'):
+                if keyword in needed:
+                    current[((), keyword)] = kind
+            else:
+                path = []
+        elif path is not None:
+            if text.startswith(b"]"):
+                if keyword in needed and current is not None:
+                    key = tuple(path)
+                    current[(paths.setdefault(key, key), keyword)] = kind
+                path = None
+            else:
+                path.append(sys.intern(_STRING.findall(text)[0].decode()))
+    return modules
+
+
+@cache
+def _module_types() -> dict[str, ModuleTypes]:
+    needed = _needed_keywords()
+    source = resources.files("highdicom").joinpath(_TABLE_FILE)
+    with source.open("rb") as handle:
+        modules = _read_lines(handle, needed)
+    if not any(modules.values()):
+        with source.open("rb") as handle:
+            parsed = json.load(handle)
+        modules = {
+            name: {(tuple(a["path"]), a["keyword"]): a["type"] for a in attributes if a["keyword"] in needed}
+            for name, attributes in parsed.items()
+        }
+    return modules
 
 
 @cache
 def _iod_types(iod_name: str) -> dict[tuple[Path, str], str]:
-    modules = get_module_attribute_map()
+    modules = _module_types()
     types: dict[tuple[Path, str], str] = {}
     for module in get_iod_module_map()[iod_name]:
-        for attribute in modules.get(module["key"], ()):
-            key = (tuple(attribute["path"]), attribute["keyword"])
-            new = attribute["type"]
+        for key, new in modules.get(module["key"], {}).items():
             old = types.get(key)
             # Several modules can define one attribute; the strictest Type wins
             # because the attribute must then satisfy every module.
@@ -48,7 +125,9 @@ def attribute_type(sop_class_uid: str, path: Path, keyword: str) -> str | None:
     iod_name = get_sop_class_iod_map().get(sop_class_uid)
     if iod_name is None:
         return None
-    return _iod_types(iod_name).get((path, keyword))
+    with _lock:  # the first call per IOD builds its index: once, not once per thread
+        types = _iod_types(iod_name)
+    return types.get((path, keyword))
 
 
 def required_level(attribute_type_code: str | None) -> int | None:
