@@ -29,6 +29,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import VR
 
 from gateway import __version__
 from gateway.deid.policy import image_flavor
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00009, 0x7FE00008)
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
 _UNDEFINED = 0xFFFFFFFF
+_KNOWN_VRS = frozenset(vr.value.encode("ascii") for vr in VR)
 #: This gateway's implementation identity in the file meta (a 2.25 UUID UID).
 IMPLEMENTATION_CLASS_UID = "2.25.227128497617390133914612893424063658247"
 IMPLEMENTATION_VERSION = f"DEIDGW_{__version__}"[:16]
@@ -102,11 +104,12 @@ def check_file(src: Path) -> str | None:
     otherwise a PHI-free sentence saying why not.
 
     The same parse and structure checks :func:`deidentify_file` makes, without
-    de-identifying: cheap enough to run before acknowledging a C-STORE (the
-    header is parsed, the pixel data only walked item by item).
+    de-identifying and without decoding values: cheap enough to run before
+    acknowledging a C-STORE (the header's structure is walked, the pixel data
+    only item header by item header).
     """
     try:
-        _read(src, False, MAX_WHOLE_BYTES)
+        _read(src, False, MAX_WHOLE_BYTES, decode=False)
     except _RefusedError as refused:
         return refused.report.detail
     except Exception as exc:  # whatever the parser trips over, the file is unreadable
@@ -143,7 +146,10 @@ class _RefusedError(Exception):
         self.report = report
 
 
-def _read(src: Path, redact_overviews: bool, max_whole_bytes: int) -> _Source:
+def _read(src: Path, redact_overviews: bool, max_whole_bytes: int, *, decode: bool = True) -> _Source:
+    """Parse and check ``src``. ``decode=False`` leaves element values raw
+    (pydicom decodes them on first use): the structure is still checked, and
+    it is several times cheaper, for a check before acknowledging."""
     with src.open("rb") as fp:
         header = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
         size = os.fstat(fp.fileno()).st_size
@@ -163,7 +169,8 @@ def _read(src: Path, redact_overviews: bool, max_whole_bytes: int) -> _Source:
                 )
             fp.seek(0)
             dataset = pydicom.dcmread(fp, force=True)
-            _decode_all(dataset)
+            if decode:
+                _decode_all(dataset)
             _check_meta_agrees(dataset)
             return _Source(dataset, syntax, None, None, None)
         pixel_end, pixel_tag = _pixel_extent(fp, pixel_start, size, syntax)
@@ -175,7 +182,8 @@ def _read(src: Path, redact_overviews: bool, max_whole_bytes: int) -> _Source:
         dataset_start = _skip_file_meta(fp)
         _check_complete(fp, dataset_start, pixel_start, syntax)
         _check_complete(fp, pixel_end, size, syntax)
-    _decode_all(header)
+    if decode:
+        _decode_all(header)
     _check_meta_agrees(header)
     if pixel_tag is None and _iod_has_pixel_data(str(header.get("SOPClassUID", ""))):
         raise MalformedError("the IOD has pixel data but the file has none (truncated?)")
@@ -225,6 +233,8 @@ def _element_end(data: bytes, offset: int, implicit: bool, little: bool, bound: 
         (length,) = struct.unpack_from(endian + "L", data, offset + 4)
         body = offset + 8
         vr = b"SQ" if group == 0xFFFE else _implicit_vr((group << 16) | element)
+    elif vr not in _KNOWN_VRS:
+        raise MalformedError("an element has an unknown VR")
     elif vr in _LONG_VRS:
         if limit - offset < 12:
             raise MalformedError("truncated element header")
