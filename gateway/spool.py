@@ -156,7 +156,11 @@ class Spool:
         failure nothing of the entry is left behind; disk full raises
         :class:`SpoolFullError`.
         """
-        if not self.has_room(info.size if received.parent != self.incoming else 0):
+        # Room is kept for one more copy of the instance (two when it is not
+        # on this disk yet): the forwarder writes the de-identified output on
+        # the spool's disk, and a spool filled to the last byte could never
+        # drain (the output would not fit and would be retried for ever).
+        if not self.has_room(info.size * (1 if received.parent == self.incoming else 2)):
             received.unlink(missing_ok=True)
             raise SpoolFullError(errno.ENOSPC, "spool below its free-space floor")
         entry_id = uuid.uuid4().hex
