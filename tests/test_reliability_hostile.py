@@ -167,7 +167,7 @@ def test_node_refuses_each_unreadable_case_and_forwards_nothing(
         assert list(node.spool.incoming.iterdir()) == [], case.name
     assert statuses == {case.stem: expected_status(case) for case in CASES}
     assert wait_until(node.idle, 60)
-    assert list((tmp_path / "archive").rglob("*")) == []
+    assert [p for p in (tmp_path / "archive").rglob("*") if p.is_file()] == []
     held = sorted(node.quarantine.get(i).reason.code for i in node.quarantine.ids())
     assert held == sorted(PARSED.values())
     refused = [c for c in CASES if c.stem not in PARSED]
