@@ -37,6 +37,7 @@ Path = tuple[str, ...]
 ModuleTypes = dict[tuple[Path, str], str]
 
 _STRICTNESS = {"1": 0, "1C": 1, "2": 2, "2C": 3, "3": 4}
+_PIXEL_KEYWORDS = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
 _TABLE_FILE = "_standard/module_attribute_map.json"
 _lock = threading.Lock()
 
@@ -47,7 +48,7 @@ def _needed_keywords() -> frozenset[str]:
         keyword_for_tag(row.tag) for row in confidentiality_table().rows if row.pattern is TagPattern.EXACT
     }
     by_vr = {entry[4] for entry in DicomDictionary.values() if entry[0] in ("DA", "DT", "PN")}
-    return frozenset((table | by_vr | {"TextValue"}) - {""})
+    return frozenset((table | by_vr | {"TextValue"} | _PIXEL_KEYWORDS) - {""})
 
 
 _MODULE = re.compile(rb'^  "([^"]+)": \[')
@@ -128,6 +129,17 @@ def attribute_type(sop_class_uid: str, path: Path, keyword: str) -> str | None:
     with _lock:  # the first call per IOD builds its index: once, not once per thread
         types = _iod_types(iod_name)
     return types.get((path, keyword))
+
+
+def iod_has_pixel_data(sop_class_uid: str) -> bool:
+    """Whether the IOD of a SOP Class holds pixel data (outside icon images);
+    ``False`` for a SOP Class the tables do not know."""
+    iod_name = get_sop_class_iod_map().get(sop_class_uid)
+    if iod_name is None:
+        return False
+    with _lock:
+        types = _iod_types(iod_name)
+    return any(keyword in _PIXEL_KEYWORDS and "IconImageSequence" not in path for path, keyword in types)
 
 
 def required_level(attribute_type_code: str | None) -> int | None:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import pydicom
-from highdicom._standard_utils import does_iod_have_pixel_data
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -32,6 +31,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import VR
 
 from gateway import __version__
+from gateway.deid.iod import iod_has_pixel_data
 from gateway.deid.policy import image_flavor
 from gateway.deid.report import DeidReport, Outcome
 
@@ -118,8 +118,8 @@ def check_file(src: Path) -> str | None:
 
 
 def load_tables() -> None:
-    """Load the IOD tables :func:`check_file` consults (about half a second,
-    once per process), so that the first instance received does not wait."""
+    """Load the IOD tables :func:`check_file` consults (about a second, once
+    per process), so that the first instance received does not wait."""
     _iod_has_pixel_data("1.2.840.10008.5.1.4.1.1.77.1.6")  # VL Whole Slide Microscopy
 
 
@@ -307,12 +307,8 @@ def _decode_all(dataset: Dataset) -> None:
 
 @functools.lru_cache(maxsize=256)
 def _iod_has_pixel_data(sop_class_uid: str) -> bool:
-    """Cached: highdicom scans its IOD tables on each call (several ms), and
-    :func:`check_file` runs before every C-STORE is answered."""
-    try:
-        return bool(does_iod_have_pixel_data(sop_class_uid))
-    except KeyError:  # an IOD the tables do not know: nothing to check against
-        return False
+    """Cached: :func:`check_file` runs before every C-STORE is answered."""
+    return iod_has_pixel_data(sop_class_uid)
 
 
 def _refuse(header: Dataset, reason: str, detail: str) -> DeidReport:
