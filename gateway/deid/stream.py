@@ -184,6 +184,8 @@ def _read(src: Path, redact_overviews: bool, max_whole_bytes: int, *, decode: bo
         _check_complete(fp, pixel_end, size, syntax)
     if decode:
         _decode_all(header)
+    if "SOPClassUID" not in header or "SOPInstanceUID" not in header:
+        raise MalformedError("the data set has no SOP Class or SOP Instance UID")
     _check_meta_agrees(header)
     if pixel_tag is None and _iod_has_pixel_data(str(header.get("SOPClassUID", ""))):
         raise MalformedError("the IOD has pixel data but the file has none (truncated?)")
@@ -235,6 +237,8 @@ def _element_end(data: bytes, offset: int, implicit: bool, little: bool, bound: 
         vr = b"SQ" if group == 0xFFFE else _implicit_vr((group << 16) | element)
     elif vr not in _KNOWN_VRS:
         raise MalformedError("an element has an unknown VR")
+    elif group % 2 == 0 and vr != b"UN" and vr not in _dictionary_vrs((group << 16) | element):
+        raise MalformedError("an element's VR contradicts the data dictionary")
     elif vr in _LONG_VRS:
         if limit - offset < 12:
             raise MalformedError("truncated element header")
@@ -277,6 +281,16 @@ def _walk_children(data: bytes, start: int, end: int, implicit: bool, little: bo
         if items and struct.unpack_from(endian + "HH", data, cursor) != (0xFFFE, 0xE000):
             raise MalformedError("a sequence holds something other than items")
         cursor = _element_end(data, cursor, implicit, little, end)
+
+
+@functools.lru_cache(maxsize=4096)
+def _dictionary_vrs(tag: int) -> frozenset[bytes]:
+    """The VRs the data dictionary allows for a public tag; every VR for a tag
+    it does not know."""
+    try:
+        return frozenset(v.strip().encode("ascii") for v in dictionary_VR(tag).split(" or "))
+    except KeyError:
+        return _KNOWN_VRS
 
 
 def _implicit_vr(tag: int) -> bytes:
