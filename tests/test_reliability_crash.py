@@ -37,11 +37,21 @@ INSTANCES = 120
 SEED = 7
 
 
-def leftovers(spool: Path, folder: Path) -> set[Path]:
-    """Files a killed gateway may leave half-written: never acknowledged or not yet
-    delivered, and the folder destination's writes in progress (``.partial/``)."""
+def leftovers(spool: Path, folder: Path) -> dict[Path, tuple[int, int]]:
+    """Files a killed gateway may leave half-written (never acknowledged or not yet
+    delivered, and the folder destination's writes in progress in ``.partial/``),
+    with their identity (inode, mtime): after a restart the same entry may be
+    worked on again under the same name, which is a new file, not a survivor."""
     found = {p for sub in ("incoming", "work", "done") for p in (spool / sub).rglob("*")}
-    return found | set(hidden_files(folder))
+    return {p: _identity(p) for p in found | set(hidden_files(folder)) if p.exists()}
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return (-1, -1)
+    return (stat.st_ino, stat.st_mtime_ns)
 
 
 @pytest.mark.integration
@@ -58,13 +68,21 @@ def test_sigkill_twenty_times_loses_nothing_acknowledged_and_forwards_nothing_el
     scp_port = free_port()
     scp = subprocess.Popen(
         [STORESCP, "-aet", "ARCHIVE", "-od", str(scp_dir), "+uf", "+xa", str(scp_port)],
-        env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    gateway = Gateway(tmp_path / "gw", gateway_config(
-        tmp_path / "gw", key_file,
-        [{"name": "pacs", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": scp_port},
-         {"name": "folder", "folder": str(folder)}],
-    ))
+    gateway = Gateway(
+        tmp_path / "gw",
+        gateway_config(
+            tmp_path / "gw",
+            key_file,
+            [
+                {"name": "pacs", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": scp_port},
+                {"name": "folder", "folder": str(folder)},
+            ],
+        ),
+    )
     spool = tmp_path / "gw" / "spool"
     sender: Sender | None = None
     phases = {"incoming": 0, "work": 0, "ready": 0, "partial": 0}
@@ -82,7 +100,7 @@ def test_sigkill_twenty_times_loses_nothing_acknowledged_and_forwards_nothing_el
             phases["ready"] += any((spool / "ready").iterdir())
             phases["partial"] += any((folder / PARTIAL_DIR).iterdir())
             gateway.start()
-            still = {p for p in left if p.exists()}
+            still = {p for p, identity in left.items() if _identity(p) == identity}
             assert not still, f"half-written files survived the restart: {sorted(still)[:3]}"
         assert sender.wait_done(60), f"only {len(sender.acked)} of {INSTANCES} acknowledged"
         sender.stop()
@@ -103,9 +121,7 @@ def test_sigkill_twenty_times_loses_nothing_acknowledged_and_forwards_nothing_el
     for name, destination in (("storescp", scp_dir), ("folder", folder)):
         arrivals = archived([destination])
         uids = {uid for uid, _ in arrivals}
-        assert uids == want, (
-            f"{name}: {len(want - uids)} acknowledged missing, {len(uids - want)} unexpected"
-        )
+        assert uids == want, f"{name}: {len(want - uids)} acknowledged missing, {len(uids - want)} unexpected"
         # At-least-once delivery: a kill between the archive's Success and the
         # spool's record sends the same instance again. The UIDs are keyed
         # functions of the original, so a repeat is the same instance, byte for byte.
@@ -120,7 +136,12 @@ def test_sigkill_twenty_times_loses_nothing_acknowledged_and_forwards_nothing_el
     for path in (p for p in folder.rglob("*") if p.is_file()):
         study, series, name = path.relative_to(folder).parts
         ds = dcmread(path, stop_before_pixels=True)
-        assert (study, series, name) == (ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                                         f"{ds.SOPInstanceUID}.dcm")
-    print(f"{KILLS} kills in {elapsed:.1f} s, sender: {sender.attempts} C-STOREs, "
-          f"{sender.failures} failures; kill found work in {phases}")
+        assert (study, series, name) == (
+            ds.StudyInstanceUID,
+            ds.SeriesInstanceUID,
+            f"{ds.SOPInstanceUID}.dcm",
+        )
+    print(
+        f"{KILLS} kills in {elapsed:.1f} s, sender: {sender.attempts} C-STOREs, "
+        f"{sender.failures} failures; kill found work in {phases}"
+    )
