@@ -253,6 +253,8 @@ def _element_end(data: bytes, offset: int, implicit: bool, little: bool, bound: 
         end = body + length
         if end > limit:
             raise MalformedError("an element runs past the end of its region")
+        if length > 0xFFFF and vr in (b"UN", b"") and group % 2 == 0 and _short_only((group << 16) | element):
+            raise MalformedError("a value is longer than its VR can hold")
         if nested:
             _walk_children(data, body, end, inner_implicit, little, items=not is_item)
         return int(end)
@@ -291,6 +293,13 @@ def _dictionary_vrs(tag: int) -> frozenset[bytes]:
         return frozenset(v.strip().encode("ascii") for v in dictionary_VR(tag).split(" or "))
     except KeyError:
         return _KNOWN_VRS
+
+
+def _short_only(tag: int) -> bool:
+    """True when every VR the dictionary allows for ``tag`` has a 16-bit length
+    (so no value of it can exceed 65,535 bytes, whatever its encoding says)."""
+    allowed = _dictionary_vrs(tag)
+    return allowed is not _KNOWN_VRS and not (allowed & (_LONG_VRS | {b"SQ"}))
 
 
 def _implicit_vr(tag: int) -> bytes:
