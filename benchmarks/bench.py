@@ -33,14 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.peers import (
-    ORTHANC,
-    STORESCU,
     Gateway,
     MemoryWatch,
     Orthanc,
     Sender,
     Storescp,
 )
+from tests.peers import ORTHANC, STORESCU
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "benchmarks" / "data"

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,45 +22,14 @@ from typing import Any
 
 import yaml
 
-STORESCU = "/usr/bin/storescu"
-STORESCP = "/usr/bin/storescp"
-ORTHANC = "/usr/sbin/Orthanc"
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+from tests.peers import DCMTK_ENV, ORTHANC, STORESCP, STORESCU, free_port, stop, wait_for_port
+
 #: The PDU size of the baseline, on both sides (dcmtk's largest).
 DCMTK_PDU = 131072
 GATEWAY_AE = "DEID_GATEWAY"
+#: How long a peer may take to listen (the gateway loads its tables first).
+STARTUP_SECONDS = 60.0
 CALLING_AE = "BENCH"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on port {port}")
-
-
-def stop(proc: subprocess.Popen[bytes] | None) -> None:
-    """Stop one process this run started, by its pid; SIGKILL after 20 s."""
-    if proc is None or proc.poll() is not None:
-        return
-    os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 def storescu(port: int, files: Sequence[Path], called: str) -> subprocess.Popen[bytes]:
@@ -116,7 +83,7 @@ class Storescp:
              "-pdu", str(DCMTK_PDU), str(self.port)],
             env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        wait_for_port(self.port, self.proc)
+        wait_for_port(self.port, self.proc, timeout=STARTUP_SECONDS)
         return self
 
     def stop(self) -> None:
@@ -184,7 +151,7 @@ class Gateway:
                 cwd=self.directory, stdout=log, stderr=log,
             )
         try:
-            wait_for_port(self.port, self.proc)
+            wait_for_port(self.port, self.proc, timeout=STARTUP_SECONDS)
         except (RuntimeError, TimeoutError) as exc:
             tail = (self.directory / "gateway.log").read_text(errors="replace")[-3000:]
             raise RuntimeError(f"the gateway did not start: {exc}\n{tail}") from None
@@ -305,8 +272,8 @@ class Orthanc:
             [ORTHANC, str(path)], env=DCMTK_ENV, cwd=self.directory,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        wait_for_port(self.http_port, self.proc)
-        wait_for_port(self.port, self.proc)
+        wait_for_port(self.http_port, self.proc, timeout=STARTUP_SECONDS)
+        wait_for_port(self.port, self.proc, timeout=STARTUP_SECONDS)
         return self
 
     def request(self, method: str, path: str, body: object | None = None, timeout: float = 600) -> Any:
