@@ -14,17 +14,18 @@ import argparse
 import secrets
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from gateway.commands._common import add_profile_options, iter_inputs
 from gateway.deid import Deidentifier, ProfileError, SecretKey, load_profile
 from gateway.deid.harvest import IdentifyingValues, harvest
-from gateway.deid.uids import is_well_known
-from gateway.deid.verify import OutputScanner
+from gateway.deid.verify import scanner_for
 
 _READ_ERRORS = (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError)
 
@@ -53,33 +54,19 @@ def run(args: argparse.Namespace) -> int:
     found = IdentifyingValues()
     unaddressed: Counter[str] = Counter()
     inputs = unreadable = 0
-    for path in iter_inputs([args.input_dir]):
-        try:
-            dataset = pydicom.dcmread(path, stop_before_pixels=True)
-        except _READ_ERRORS:
+    for dataset in _headers(args.input_dir):
+        if dataset is None:
             unreadable += 1
             continue
         inputs += 1
         found.update(harvest(dataset))
         report = engine.deidentify(dataset, has_pixels=True, explain=True)
         unaddressed.update(report.unaddressed)
-    uids = {u for u in found.uids if not is_well_known(u)}
-    if "retain_uids" in profile.options:
-        uids = set()
-    scanner = OutputScanner(
-        found,
-        uids,
-        institutions="retain_institution_identity" not in profile.options,
-        devices="retain_device_identity" not in profile.options,
-        dates=profile.dates_mode != "full",
-        dates_in_date_elements=False,
-    )
+    scanner = scanner_for(profile, found, batch=True)
     hits: Counter[str] = Counter()
     outputs = flagged = 0
-    for path in iter_inputs([args.output_dir]):
-        try:
-            dataset = pydicom.dcmread(path, stop_before_pixels=True)
-        except _READ_ERRORS:
+    for dataset in _headers(args.output_dir):
+        if dataset is None:
             continue
         outputs += 1
         findings = scanner.scan(dataset)
@@ -94,3 +81,12 @@ def run(args: argparse.Namespace) -> int:
     for where, count in sorted(unaddressed.items()):
         print(f"  {count:6d}  {where}")
     return 1 if flagged else 0
+
+
+def _headers(folder: Path) -> Iterator[Dataset | None]:
+    """Every file's header below ``folder``; ``None`` for one that is not DICOM."""
+    for path in iter_inputs([folder]):
+        try:
+            yield pydicom.dcmread(path, stop_before_pixels=True)
+        except _READ_ERRORS:
+            yield None

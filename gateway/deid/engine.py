@@ -48,8 +48,8 @@ from gateway.deid.standard import (
     confidentiality_table,
     safe_private_attributes,
 )
-from gateway.deid.uids import UIDRemapper, is_well_known
-from gateway.deid.verify import OutputScanner
+from gateway.deid.uids import UIDRemapper
+from gateway.deid.verify import scanner_for
 
 _TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UT", "UC"})
 _DATE_VRS = frozenset({"DA", "DT"})
@@ -483,7 +483,7 @@ class Deidentifier:
                     Outcome.QUARANTINED, failure, "the OVERVIEW label area could not be redacted safely"
                 )
         self._mark(dataset)
-        findings = self._scanner(state).scan(dataset)
+        findings = scanner_for(self.profile, state.found).scan(dataset)
         if findings:
             report.findings = [f"{f.path} ({f.kind})" for f in findings]
             return report.stop(
@@ -500,20 +500,6 @@ class Deidentifier:
         """De-identify the file ``src`` into ``dst``, streaming the pixel data
         (see :mod:`gateway.deid.stream`); ``dst`` exists only when passed."""
         return stream.deidentify_file(self, src, dst, explain=explain)
-
-    def _scanner(self, state: _Instance) -> OutputScanner:
-        """The verifier for this instance: it looks for every identifying value
-        and non-standard UID of the input, except what an option deliberately keeps."""
-        options = self.profile.options
-        mode = self.profile.dates_mode
-        uids = () if "retain_uids" in options else (u for u in state.found.uids if not is_well_known(u))
-        return OutputScanner(
-            state.found,
-            uids,
-            institutions="retain_institution_identity" not in options,
-            devices="retain_device_identity" not in options,
-            dates=mode != "full",
-        )
 
     def _mark(self, dataset: Dataset) -> None:
         """Record what was done, as PS3.15 E.1.1 asks."""

@@ -20,6 +20,8 @@ from pydicom.dataset import Dataset
 
 from gateway.deid.clean import coded_vocabulary
 from gateway.deid.harvest import IdentifyingValues
+from gateway.deid.profile import Profile
+from gateway.deid.uids import is_well_known
 
 _SKIP_VRS = frozenset(
     {"DS", "IS", "US", "UL", "SS", "SL", "FL", "FD", "SV", "UV", "AT", "OD", "OF", "OL", "OV", "OW"}
@@ -86,6 +88,23 @@ class OutputScanner:
             ):
                 found.append(Finding(path, "date"))
         return found
+
+
+def scanner_for(profile: Profile, found: IdentifyingValues, *, batch: bool = False) -> OutputScanner:
+    """The scanner for what ``profile`` removes: every identifying value and
+    non-standard UID ``found`` holds, except what an option deliberately keeps.
+    ``batch`` (the values of many patients at once) leaves date elements to
+    UID checks only, see :class:`OutputScanner`."""
+    options = profile.options
+    uids = () if "retain_uids" in options else (u for u in found.uids if not is_well_known(u))
+    return OutputScanner(
+        found,
+        uids,
+        institutions="retain_institution_identity" not in options,
+        devices="retain_device_identity" not in options,
+        dates=profile.dates_mode != "full",
+        dates_in_date_elements=not batch,
+    )
 
 
 def _descriptive(value: str) -> bool:
