@@ -34,7 +34,7 @@ from prometheus_client import (
 )
 from pydicom._uid_dict import UID_dictionary
 
-from gateway.redact import RedactionReason
+from gateway.deid.report import RedactionReason
 
 NAMESPACE: Final = "deid_gateway"
 OTHER: Final = "other"

@@ -3,6 +3,10 @@
 Start-up order matters for durability: the spool is recovered and every
 pending entry handed to the forwarder before the receiver accepts the first
 association, so work acknowledged before a crash is resumed first.
+
+The receiver runs in a child process (:mod:`gateway.receive_process`) so that
+acknowledging instances never waits on de-identification; everything else
+runs here.
 """
 
 from __future__ import annotations
@@ -20,13 +24,13 @@ from gateway.config import Config, ConfigError, FolderDestination
 from gateway.deid.engine import Deidentifier
 from gateway.deid.keys import KeyLoadError, generate_key_file, load_key
 from gateway.deid.profile import ProfileError, load_profile
-from gateway.deid.stream import load_tables
 from gateway.forward import Engine, Forwarder, open_folder
 from gateway.health import HealthServer, writable_directory_check
 from gateway.logs import get_logger
 from gateway.monitor import DestinationMonitor
 from gateway.quarantine import Quarantine
-from gateway.receive import Receiver, configure_pynetdicom
+from gateway.receive import configure_pynetdicom
+from gateway.receive_process import ReceiverProcess
 from gateway.spool import INSTANCE, Spool
 
 
@@ -64,7 +68,7 @@ class Node:
         self.quarantine = Quarantine(config.quarantine_dir)
         self.audit: AuditTrail | None = None
         self.forwarder: Forwarder | None = None
-        self.receiver: Receiver | None = None
+        self.receiver: ReceiverProcess | None = None
         self.monitor: DestinationMonitor | None = None
         self.health: HealthServer | None = None
         self.address: tuple[str, int] | None = None
@@ -98,8 +102,8 @@ class Node:
                 open_folder(dest)
         self.audit = AuditTrail(self.config.audit_url)
         self.forwarder = Forwarder(self.config, self.spool, self.quarantine, self.engines, self.audit)
-        self.receiver = Receiver(self.config, self.spool, self.forwarder.submit)
-        configure_pynetdicom(self.spool.incoming)
+        self.receiver = ReceiverProcess(self.config, self.forwarder.submit)
+        configure_pynetdicom()
         metrics.set_build_info(
             __version__,
             {engine.profile.name: engine.profile.content_hash for engine in self.engines.values()},
@@ -118,7 +122,6 @@ class Node:
             self.health.start()
         self.forwarder.start(pending)
         self.monitor.start()
-        load_tables()
         self.address = self.receiver.start()
         _log().info(
             "node.started",

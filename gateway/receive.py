@@ -24,7 +24,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from tempfile import NamedTemporaryFile
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from pydicom.filereader import read_partial
 from pynetdicom import AE, _config, dimse_messages, evt
@@ -108,25 +108,34 @@ class ReceivedFile:
             self._file.close()
 
 
-def configure_pynetdicom(incoming: Path) -> None:
-    """Process-wide pynetdicom settings the node relies on.
+def configure_pynetdicom() -> None:
+    """Process-wide pynetdicom settings of every gateway process.
 
-    Received data sets are written to ``incoming`` (inside the spool) so that
-    admitting them is a rename on one file system, and leftovers of aborted
-    associations are found and removed at the next start. pynetdicom logging
-    of identifiers is switched off: they are UIDs from the data.
+    Data sets are sent from file, pynetdicom logging of identifiers is
+    switched off (they are UIDs from the data), and sockets are read in
+    large steps (:func:`_recv`).
     """
-    _config.STORE_RECV_CHUNKED_DATASET = True
     _config.STORE_SEND_CHUNKED_DATASET = True
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    setattr(AssociationSocket, "recv", _recv)  # noqa: B010 - replaces a method of pynetdicom
+
+
+def configure_receiving(incoming: Path) -> None:
+    """pynetdicom settings of the receiving process.
+
+    Received data sets are written to ``incoming`` (inside the spool) so that
+    admitting them is a rename on one file system, and leftovers of aborted
+    associations are found and removed at the next start.
+    """
+    configure_pynetdicom()
+    _config.STORE_RECV_CHUNKED_DATASET = True
     setattr(  # noqa: B010 - replaces a module attribute of pynetdicom
         dimse_messages,
         "NamedTemporaryFile",
         partial(ReceivedFile, incoming),
     )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    setattr(AssociationSocket, "recv", _recv)  # noqa: B010 - replaces a method of pynetdicom
 
 
 #: Largest single read from an association socket.
@@ -188,6 +197,25 @@ def set_nodelay(event: evt.Event) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class ReceiveEvents(Protocol):
+    """What the receiver tells the rest of the node: admitted entries and its counts.
+
+    In the node the receiver runs in a process of its own
+    (:mod:`gateway.receive_process`) and these calls cross to the main
+    process, which owns the forwarder and the metrics registry.
+    """
+
+    def admitted(self, entry_id: str) -> None: ...
+
+    def record_association_accepted(self) -> None: ...
+
+    def record_association_rejected(self, reason: str) -> None: ...
+
+    def record_received(self, sop_class_uid: str | None, size_bytes: int) -> None: ...
+
+    def record_refused(self, sop_class_uid: str | None, reason: str) -> None: ...
+
+
 class _PolicyACSE(ACSE):
     """ACSE that rejects callers not on the allowlist before any negotiation.
 
@@ -201,8 +229,10 @@ class _PolicyACSE(ACSE):
         permits: Callable[[str, str], bool],
         ae_known: Callable[[str], bool],
         assoc_id: int,
+        events: ReceiveEvents,
     ) -> None:
         super().__init__(assoc)
+        self._events = events
         self._permits = permits
         self._ae_known = ae_known
         self._assoc_id = assoc_id
@@ -224,7 +254,7 @@ class _PolicyACSE(ACSE):
                 peer=address,
                 reason=reason,
             )
-            metrics.record_association_rejected(reason)
+            self._events.record_association_rejected(reason)
             # Rejected permanent, by the service user, calling AE title not recognised
             self.send_reject(0x01, 0x01, 0x03)
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
@@ -248,10 +278,14 @@ def server_ssl_context(config: Config) -> ssl.SSLContext | None:
 class Receiver:
     """The SCP: handlers bound to a pynetdicom AE, feeding the spool."""
 
-    def __init__(self, config: Config, spool: Spool, on_admitted: Callable[[str], None]) -> None:
+    def __init__(
+        self, config: Config, spool: Spool, events: ReceiveEvents, pixel_classes: frozenset[str]
+    ) -> None:
         self.config = config
         self.spool = spool
-        self.on_admitted = on_admitted
+        self.events = events
+        #: SOP Classes whose instances must carry pixel data (see check_file).
+        self.pixel_classes = pixel_classes
         self.ae = AE(ae_title=config.listen.ae_title)
         self.ae.maximum_associations = config.limits.max_associations
         self.ae.maximum_pdu_size = config.listen.max_pdu
@@ -289,10 +323,12 @@ class Receiver:
             with self._ids_lock:
                 assoc_id = next(self._next_assoc_id)
                 self._assoc_ids[event.assoc] = assoc_id
-            event.assoc.acse = _PolicyACSE(event.assoc, self.permits, self.ae_known, assoc_id)
+            event.assoc.acse = _PolicyACSE(
+                event.assoc, self.permits, self.ae_known, assoc_id, self.events
+            )
 
     def _on_accepted(self, event: evt.Event) -> None:
-        metrics.record_association_accepted()
+        self.events.record_association_accepted()
         _log().info(
             "association.accepted",
             assoc_id=self.assoc_id(event.assoc),
@@ -304,7 +340,7 @@ class Receiver:
     def _on_rejected(self, event: evt.Event) -> None:
         if len(self.ae.active_associations) > self.ae.maximum_associations:
             _log().warning("association.rejected", outcome="rejected", reason="too-many-associations")
-            metrics.record_association_rejected("too-many-associations")
+            self.events.record_association_rejected("too-many-associations")
 
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
@@ -315,7 +351,7 @@ class Receiver:
         sop_class_uid = str(event.request.AffectedSOPClassUID)
         received = Path(event.dataset_path)
         assoc_id = self.assoc_id(event.assoc)
-        refused = partial(self._refused, assoc_id, calling, sop_class_uid)
+        refused = partial(self._refused, self.events, assoc_id, calling, sop_class_uid)
         started = time.monotonic()
         try:
             spooled = getattr(event.request, "_dataset_file", None)
@@ -340,7 +376,7 @@ class Receiver:
                 received.unlink(missing_ok=True)
                 refused("data-set-mismatch", STATUS_DATA_SET_MISMATCH)
                 return STATUS_DATA_SET_MISMATCH
-            if check_file(received) is not None:
+            if check_file(received, self.pixel_classes) is not None:
                 received.unlink(missing_ok=True)
                 refused("malformed-data-set", STATUS_MALFORMED)
                 return STATUS_MALFORMED
@@ -364,7 +400,7 @@ class Receiver:
             received.unlink(missing_ok=True)
             refused("internal-error", STATUS_CANNOT_PROCESS, exc)
             return STATUS_CANNOT_PROCESS
-        metrics.record_received(sop_class_uid, size)
+        self.events.record_received(sop_class_uid, size)
         _log().info(
             "instance.received",
             assoc_id=assoc_id,
@@ -374,11 +410,12 @@ class Receiver:
             size_bytes=size,
             spool_seconds=time.monotonic() - started,
         )
-        self.on_admitted(entry_id)
+        self.events.admitted(entry_id)
         return STATUS_SUCCESS
 
     @staticmethod
     def _refused(
+        events: ReceiveEvents,
         assoc_id: int,
         calling: str,
         sop_class_uid: str,
@@ -388,7 +425,7 @@ class Receiver:
     ) -> None:
         """Log and count a failure status (codes only: the log guard passes no free text)."""
         fields: dict[str, object] = {"error_type": type(exc).__name__} if exc else {}
-        metrics.record_refused(sop_class_uid, reason)
+        events.record_refused(sop_class_uid, reason)
         _log().warning(
             "instance.refused",
             assoc_id=assoc_id,

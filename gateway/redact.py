@@ -54,7 +54,6 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Final, Literal, NamedTuple
 
 import numpy as np
@@ -68,6 +67,7 @@ from pydicom.pixels.encoders.base import get_encoder
 from pydicom.pixels.processing import convert_color_space
 from pydicom.pixels.utils import pixel_array
 
+from gateway.deid.report import RedactionReason
 from gateway.ocr import OcrFailedError, OcrUnavailableError, OcrWord, read_words
 
 #: Length of the label zone at one end of a 75 x 25 mm slide, label plus the
@@ -146,20 +146,6 @@ _PHOTOMETRICS: Final[dict[str, frozenset[str]]] = {
 Mode = Literal["blackout", "replace"]
 Method = Literal["geometry", "image"]
 Pixels = npt.NDArray[np.uint8]
-
-
-class RedactionReason(StrEnum):
-    """Why an overview was not redacted. The values are PHI-free codes."""
-
-    NOT_AN_OVERVIEW = "not-an-overview"
-    UNSUPPORTED_IMAGE = "unsupported-image"
-    PIXEL_DATA_UNREADABLE = "pixel-data-unreadable"
-    LABEL_AREA_NOT_FOUND = "label-area-not-found"
-    REPLACEMENT_DOES_NOT_FIT = "replacement-does-not-fit"
-    ENCODER_UNAVAILABLE = "encoder-unavailable"
-    OCR_UNAVAILABLE = "ocr-unavailable"
-    OCR_FAILED = "ocr-failed"
-    TEXT_REMAINS = "text-remains"
 
 
 class LabelBox(NamedTuple):

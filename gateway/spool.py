@@ -94,6 +94,15 @@ def write_json_atomic(path: Path, data: object) -> None:
     fsync_dir(path.parent)
 
 
+def write_json_new(path: Path, data: object) -> None:
+    """Write ``data`` to a new owner-only file and fsync it (its directory is
+    not yet visible, so no temporary name is needed)."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def move_durably(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst`` and fsync the content; copy when across file systems."""
     try:
@@ -168,8 +177,8 @@ class Spool:
         try:
             staging.mkdir(mode=0o700)
             move_durably(received, staging / INSTANCE)
-            write_json_atomic(staging / ENTRY, asdict(info))
-            write_json_atomic(staging / STATE, asdict(EntryState()))
+            write_json_new(staging / ENTRY, asdict(info))
+            write_json_new(staging / STATE, asdict(EntryState()))
             fsync_dir(staging)
             staging.rename(self.ready / entry_id)
             fsync_dir(self.ready)

@@ -8,6 +8,7 @@ Debian's dcmtk needs to set the socket option.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -177,7 +178,38 @@ class Gateway:
         stop(self.proc, sig)
 
     def kill(self) -> None:
-        """kill -9: no clean-up of any kind."""
+        """kill -9: no clean-up of any kind.
+
+        Returns once the gateway's receiving process has ended too (the kernel
+        kills it with its parent, but a process blocked in an fsync ends only
+        when that returns, and until then its listening socket still accepts
+        connections), as a supervisor killing the service's process group would.
+        """
         if self.proc is not None and self.proc.poll() is None:
+            children = _children(self.proc.pid)
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
+            for child in children:
+                _wait_ended(child, timeout=10)
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _wait_ended(pid: int, timeout: float) -> None:
+    """Wait until ``pid`` has exited (gone, or a zombie nobody has reaped yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"process {pid} did not end")

@@ -44,17 +44,22 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture
-def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
-    """The embedded defaults, on a free port, with tighter limits and one SR-only route."""
-    monkeypatch.chdir(tmp_path)
+def _node(tmp_path: Path, limits: dict[str, object]) -> Node:
+    """The embedded defaults, on a free port, with ``limits`` and one SR-only route."""
     data = yaml.safe_load(DEFAULT_CONFIG_YAML)
     data["listen"]["port"] = 0
     data["metrics"]["port"] = 0
     data["allowed_callers"][0]["ae_title"] = "SCANNER"
-    data["limits"] = {"max_instance_bytes": 100_000}
+    data["limits"] = limits
     data["routes"] = [{"calling_ae_title": "SCANNER", "sop_classes": [SR, SC]}]
-    running = Node(parse_config(data, tmp_path, generate_key=True))
+    return Node(parse_config(data, tmp_path, generate_key=True))
+
+
+@pytest.fixture
+def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
+    """A node refusing instances over 100 kB."""
+    monkeypatch.chdir(tmp_path)
+    running = _node(tmp_path, {"max_instance_bytes": 100_000})
     running.start()
     yield running
     running.stop()
@@ -91,11 +96,23 @@ def test_edge_refusals_leave_nothing_behind(node: Node, files: dict[str, Path]) 
     assert files["sc"].stat().st_size > 100_000
     assert send(port, files["sc"]) == (True, STATUS_TOO_LARGE)
     assert send(port, files["sr"], calling="INTRUDER") == (False, None)
-    node.spool.min_free_bytes = 2**62
-    assert send(port, files["sr"]) == (True, STATUS_OUT_OF_RESOURCES)
-    node.spool.min_free_bytes = 0
     assert node.idle()
     assert list(node.spool.incoming.iterdir()) == []
+
+
+def test_a_spool_below_its_floor_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str, Path]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    floored = _node(tmp_path, {"min_free_bytes": "1000TiB"})
+    floored.start()
+    try:
+        assert floored.address is not None
+        assert send(floored.address[1], files["sr"]) == (True, STATUS_OUT_OF_RESOURCES)
+        assert floored.idle()
+        assert list(floored.spool.incoming.iterdir()) == []
+    finally:
+        floored.stop()
 
 
 def test_no_route_is_not_authorized(node: Node, files: dict[str, Path]) -> None:

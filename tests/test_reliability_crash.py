@@ -43,14 +43,19 @@ def leftovers(spool: Path, folder: Path) -> dict[Path, tuple[int, int]]:
     with their identity (inode, mtime): after a restart the same entry may be
     worked on again under the same name, which is a new file, not a survivor."""
     found = {p for sub in ("incoming", "work", "done") for p in (spool / sub).rglob("*")}
-    return {p: _identity(p) for p in found | set(hidden_files(folder)) if p.exists()}
+    identities = {p: _identity(p) for p in found | set(hidden_files(folder))}
+    return {p: identity for p, identity in identities.items() if identity != _GONE}
+
+
+_GONE = (-1, -1)
 
 
 def _identity(path: Path) -> tuple[int, int]:
+    """(inode, mtime), or ``_GONE`` for a file no longer there."""
     try:
         stat = path.stat()
     except FileNotFoundError:
-        return (-1, -1)
+        return _GONE
     return (stat.st_ino, stat.st_mtime_ns)
 
 

@@ -81,7 +81,7 @@ def test_disk_full_during_commit_leaves_nothing(tmp_path: Path, monkeypatch: pyt
     def full(*args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("gateway.spool.write_json_atomic", full)
+    monkeypatch.setattr("gateway.spool.write_json_new", full)
     with pytest.raises(SpoolFullError):
         spool.admit(path, INFO)
     assert list(spool.incoming.iterdir()) == []

@@ -13,6 +13,10 @@ table names, dates, person names and content text. So the table is read
 here line by line, keeping only those, in about 3 MB. If the file's layout
 ever changes so that the line reader finds nothing, the whole table is
 loaded with ``json`` instead: slower and larger, never wrong.
+
+highdicom itself is imported only when a table is first needed: the
+receiving process needs no more than :func:`pixel_data_sop_classes`, which
+the main process computes and hands it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from collections.abc import Iterable
 from functools import cache
 from importlib import resources
 
-from highdicom._standard_utils import get_iod_module_map, get_sop_class_iod_map
 from pydicom._dicom_dict import DicomDictionary
 from pydicom.datadict import keyword_for_tag
 
@@ -105,6 +108,8 @@ def _module_types() -> dict[str, ModuleTypes]:
 
 @cache
 def _iod_types(iod_name: str) -> dict[tuple[Path, str], str]:
+    from highdicom._standard_utils import get_iod_module_map
+
     modules = _module_types()
     types: dict[tuple[Path, str], str] = {}
     for module in get_iod_module_map()[iod_name]:
@@ -123,6 +128,8 @@ def attribute_type(sop_class_uid: str, path: Path, keyword: str) -> str | None:
     ``None`` means the Type is unknown: the SOP Class has no IOD in the
     tables, or the IOD does not define the attribute at that path.
     """
+    from highdicom._standard_utils import get_sop_class_iod_map
+
     iod_name = get_sop_class_iod_map().get(sop_class_uid)
     if iod_name is None:
         return None
@@ -131,15 +138,29 @@ def attribute_type(sop_class_uid: str, path: Path, keyword: str) -> str | None:
     return types.get((path, keyword))
 
 
+@cache
+def pixel_data_sop_classes() -> frozenset[str]:
+    """The SOP Classes whose IOD holds pixel data (outside icon images)."""
+    from highdicom._standard_utils import get_iod_module_map, get_sop_class_iod_map
+
+    with _lock:
+        modules = _module_types()
+    with_pixels = {
+        name
+        for name, types in modules.items()
+        if any(keyword in _PIXEL_KEYWORDS and "IconImageSequence" not in path for path, keyword in types)
+    }
+    iods = {
+        iod for iod, iod_modules in get_iod_module_map().items()
+        if any(module["key"] in with_pixels for module in iod_modules)
+    }  # fmt: skip
+    return frozenset(uid for uid, iod in get_sop_class_iod_map().items() if iod in iods)
+
+
 def iod_has_pixel_data(sop_class_uid: str) -> bool:
     """Whether the IOD of a SOP Class holds pixel data (outside icon images);
     ``False`` for a SOP Class the tables do not know."""
-    iod_name = get_sop_class_iod_map().get(sop_class_uid)
-    if iod_name is None:
-        return False
-    with _lock:
-        types = _iod_types(iod_name)
-    return any(keyword in _PIXEL_KEYWORDS and "IconImageSequence" not in path for path, keyword in types)
+    return sop_class_uid in pixel_data_sop_classes()
 
 
 def required_level(attribute_type_code: str | None) -> int | None:

@@ -16,6 +16,20 @@ class Outcome(enum.Enum):
     QUARANTINED = "quarantined"  # held back for a person to look at
 
 
+class RedactionReason(enum.StrEnum):
+    """Why an overview was not redacted. The values are PHI-free codes."""
+
+    NOT_AN_OVERVIEW = "not-an-overview"
+    UNSUPPORTED_IMAGE = "unsupported-image"
+    PIXEL_DATA_UNREADABLE = "pixel-data-unreadable"
+    LABEL_AREA_NOT_FOUND = "label-area-not-found"
+    REPLACEMENT_DOES_NOT_FIT = "replacement-does-not-fit"
+    ENCODER_UNAVAILABLE = "encoder-unavailable"
+    OCR_UNAVAILABLE = "ocr-unavailable"
+    OCR_FAILED = "ocr-failed"
+    TEXT_REMAINS = "text-remains"
+
+
 @dataclass(frozen=True, slots=True)
 class ExplainEntry:
     """One element's fate: where it is, what was done and which rule chose it.

@@ -17,6 +17,7 @@ import errno
 import functools
 import os
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -31,7 +32,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import VR
 
 from gateway import __version__
-from gateway.deid.iod import iod_has_pixel_data
+from gateway.deid.iod import pixel_data_sop_classes
 from gateway.deid.policy import image_flavor
 from gateway.deid.report import DeidReport, Outcome
 
@@ -99,28 +100,24 @@ def deidentify_file(
     return report
 
 
-def check_file(src: Path) -> str | None:
+def check_file(src: Path, pixel_classes: Collection[str] | None = None) -> str | None:
     """Whether ``src`` is an instance the engine can read: ``None`` if so,
     otherwise a PHI-free sentence saying why not.
 
     The same parse and structure checks :func:`deidentify_file` makes, without
     de-identifying and without decoding values: cheap enough to run before
     acknowledging a C-STORE (the header's structure is walked, the pixel data
-    only item header by item header).
+    only item header by item header). ``pixel_classes`` are the SOP Classes
+    whose IOD holds pixel data (:func:`~gateway.deid.iod.pixel_data_sop_classes`,
+    looked up when not given).
     """
     try:
-        _read(src, False, MAX_WHOLE_BYTES, decode=False)
+        _read(src, False, MAX_WHOLE_BYTES, decode=False, pixel_classes=pixel_classes)
     except _RefusedError as refused:
         return refused.report.detail
     except Exception as exc:  # whatever the parser trips over, the file is unreadable
         return f"not a readable DICOM instance ({type(exc).__name__}: {_safe_reason(exc)})"
     return None
-
-
-def load_tables() -> None:
-    """Load the IOD tables :func:`check_file` consults (about a second, once
-    per process), so that the first instance received does not wait."""
-    _iod_has_pixel_data("1.2.840.10008.5.1.4.1.1.77.1.6")  # VL Whole Slide Microscopy
 
 
 def _safe_reason(exc: Exception) -> str:
@@ -146,7 +143,14 @@ class _RefusedError(Exception):
         self.report = report
 
 
-def _read(src: Path, redact_overviews: bool, max_whole_bytes: int, *, decode: bool = True) -> _Source:
+def _read(
+    src: Path,
+    redact_overviews: bool,
+    max_whole_bytes: int,
+    *,
+    decode: bool = True,
+    pixel_classes: Collection[str] | None = None,
+) -> _Source:
     """Parse and check ``src``. ``decode=False`` leaves element values raw
     (pydicom decodes them on first use): the structure is still checked, and
     it is several times cheaper, for a check before acknowledging."""
@@ -187,7 +191,10 @@ def _read(src: Path, redact_overviews: bool, max_whole_bytes: int, *, decode: bo
     if "SOPClassUID" not in header or "SOPInstanceUID" not in header:
         raise MalformedError("the data set has no SOP Class or SOP Instance UID")
     _check_meta_agrees(header)
-    if pixel_tag is None and _iod_has_pixel_data(str(header.get("SOPClassUID", ""))):
+    sop_class = str(header.get("SOPClassUID", ""))
+    if pixel_classes is None:
+        pixel_classes = pixel_data_sop_classes()
+    if pixel_tag is None and sop_class in pixel_classes:
         raise MalformedError("the IOD has pixel data but the file has none (truncated?)")
     return _Source(header, syntax, (pixel_start, pixel_end), pixel_tag, pixel_tag is not None)
 
@@ -326,12 +333,6 @@ def _decode_all(dataset: Dataset) -> None:
     unreadable, and not half-way through de-identification."""
     for _ in dataset.iterall():
         pass
-
-
-@functools.lru_cache(maxsize=256)
-def _iod_has_pixel_data(sop_class_uid: str) -> bool:
-    """Cached: :func:`check_file` runs before every C-STORE is answered."""
-    return iod_has_pixel_data(sop_class_uid)
 
 
 def _refuse(header: Dataset, reason: str, detail: str) -> DeidReport:
