@@ -20,6 +20,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,13 +49,15 @@ def _log() -> FilteringBoundLogger:
     return get_logger(logger=__name__)
 
 #: Unsent P-DATA held per association, in bytes; see :func:`_limit_send_queue`.
-SEND_QUEUE_BYTES = 16 * 2**20
+SEND_QUEUE_BYTES = 8 * 2**20
 #: An association left unused this long is released (some archives, dcmtk's
 #: storescp among them, serve one association at a time).
 IDLE_RELEASE_SECONDS = 5.0
 #: How often the spool is rescanned for entries put back by ``quarantine release``.
 RESCAN_SECONDS = 5.0
 _MAX_CONTEXTS = 128
+#: Niceness of the worker threads (Linux schedules threads one by one).
+WORKER_NICENESS = 10
 
 
 class Engine(Protocol):
@@ -82,7 +85,8 @@ class _Job:
     entry_id: str
     info: EntryInfo
     log: FilteringBoundLogger
-    input_sha256: str
+    #: The input's SHA-256 for the audit record, computed beside the work on it.
+    input_sha256: Future[str]
     profile: tuple[str, str] = _NO_PROFILE
     report: DeidReport | None = None
     deidentify_seconds: float = 0.0
@@ -334,6 +338,11 @@ class Forwarder:
         # Evidence of what replaced what, written before an instance is delivered.
         self.mappings = MappingWriter(config.mapping_dir) if config.mapping_dir is not None else None
         self.scheduler = Scheduler()
+        # Hashing a large input takes as long as de-identifying it; hashlib
+        # releases the GIL, so it runs beside the work instead of before it.
+        self._hashing = ThreadPoolExecutor(
+            max_workers=config.forwarding.workers, thread_name_prefix="input-hash"
+        )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._routes = {route.name: route for route in config.routes}
@@ -360,6 +369,7 @@ class Forwarder:
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads.clear()
+        self._hashing.shutdown(wait=True, cancel_futures=True)
         for link in self._links.values():
             with link.lock:
                 link.close()
@@ -389,6 +399,10 @@ class Forwarder:
                 self.scheduler.add(entry_id)
 
     def _work(self) -> None:
+        # De-identification is throughput work; answering C-STOREs (the
+        # receiving process) and the peers' own processes are latency work:
+        # given the choice, the scheduler runs them first.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
         while not self._stop.is_set():
             entry_id = self.scheduler.take(timeout=1.0)
             if entry_id is None:
@@ -430,7 +444,8 @@ class Forwarder:
         profile = (
             (engine.profile.name, engine.profile.content_hash) if engine is not None else _NO_PROFILE
         )
-        return _Job(entry_id, info, log, sha256_file(self.spool.instance(entry_id)), profile)
+        digest = self._hashing.submit(sha256_file, self.spool.instance(entry_id))
+        return _Job(entry_id, info, log, digest, profile)
 
     def _audit(
         self,
@@ -450,7 +465,7 @@ class Forwarder:
             AuditEntry(
                 received_at=datetime.fromisoformat(job.info.received),
                 calling_ae=job.info.calling_ae_title,
-                input_sha256=job.input_sha256,
+                input_sha256=job.input_sha256.result(),
                 profile=job.profile[0],
                 profile_sha256=job.profile[1],
                 outcome=outcome,
