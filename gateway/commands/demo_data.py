@@ -11,8 +11,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from gateway.synthetic import PlantedPHI, write_study
-
 
 def register(subparsers: Any) -> None:
     """Add the ``demo-data`` sub-command."""
@@ -31,6 +29,10 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the command."""
+    # Imported here, not with the command line: every other command, serve
+    # included, would otherwise load the synthetic writer (highdicom, codecs).
+    from gateway.synthetic import PlantedPHI, write_study
+
     phi = PlantedPHI.create(seed=args.seed)
     study = write_study(args.directory, phi, slides=args.slides)
     print(f"wrote {len(study.all_files())} instances to {args.directory}")

@@ -14,20 +14,23 @@ here line by line, keeping only those, in about 3 MB. If the file's layout
 ever changes so that the line reader finds nothing, the whole table is
 loaded with ``json`` instead: slower and larger, never wrong.
 
-highdicom itself is imported only when a table is first needed: the
-receiving process needs no more than :func:`pixel_data_sop_classes`, which
-the main process computes and hands it.
+The tables are read from highdicom's package directory without importing
+highdicom: its Python code costs about 20 MB of memory the tables do not
+need. The receiving process needs no more than :func:`pixel_data_sop_classes`,
+which the main process computes and hands it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import sys
 import threading
 from collections.abc import Iterable
 from functools import cache
-from importlib import resources
+from pathlib import Path as FilePath
+from typing import Any
 
 from pydicom._dicom_dict import DicomDictionary
 from pydicom.datadict import keyword_for_tag
@@ -41,8 +44,33 @@ ModuleTypes = dict[tuple[Path, str], str]
 
 _STRICTNESS = {"1": 0, "1C": 1, "2": 2, "2C": 3, "3": 4}
 _PIXEL_KEYWORDS = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
-_TABLE_FILE = "_standard/module_attribute_map.json"
+_TABLE_FILE = "module_attribute_map.json"
 _lock = threading.Lock()
+
+
+@cache
+def _standard_dir() -> FilePath:
+    """highdicom's directory of tables of the standard, found without importing it."""
+    spec = importlib.util.find_spec("highdicom")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("highdicom is not installed")
+    return FilePath(next(iter(spec.submodule_search_locations))) / "_standard"
+
+
+@cache
+def _sop_class_iods() -> dict[str, str]:
+    """SOP Class UID -> IOD name (highdicom's ``sop_class_iod_map.json``)."""
+    table: dict[str, str] = json.loads((_standard_dir() / "sop_class_iod_map.json").read_bytes())
+    return table
+
+
+@cache
+def _iod_modules() -> dict[str, list[dict[str, Any]]]:
+    """IOD name -> its modules (highdicom's ``iod_module_map.json``)."""
+    table: dict[str, list[dict[str, Any]]] = json.loads(
+        (_standard_dir() / "iod_module_map.json").read_bytes()
+    )
+    return table
 
 
 def _needed_keywords() -> frozenset[str]:
@@ -93,7 +121,7 @@ def _read_lines(lines: Iterable[bytes], needed: frozenset[str]) -> dict[str, Mod
 @cache
 def _module_types() -> dict[str, ModuleTypes]:
     needed = _needed_keywords()
-    source = resources.files("highdicom").joinpath(_TABLE_FILE)
+    source = _standard_dir() / _TABLE_FILE
     with source.open("rb") as handle:
         modules = _read_lines(handle, needed)
     if not any(modules.values()):
@@ -108,11 +136,9 @@ def _module_types() -> dict[str, ModuleTypes]:
 
 @cache
 def _iod_types(iod_name: str) -> dict[tuple[Path, str], str]:
-    from highdicom._standard_utils import get_iod_module_map
-
     modules = _module_types()
     types: dict[tuple[Path, str], str] = {}
-    for module in get_iod_module_map()[iod_name]:
+    for module in _iod_modules()[iod_name]:
         for key, new in modules.get(module["key"], {}).items():
             old = types.get(key)
             # Several modules can define one attribute; the strictest Type wins
@@ -128,9 +154,7 @@ def attribute_type(sop_class_uid: str, path: Path, keyword: str) -> str | None:
     ``None`` means the Type is unknown: the SOP Class has no IOD in the
     tables, or the IOD does not define the attribute at that path.
     """
-    from highdicom._standard_utils import get_sop_class_iod_map
-
-    iod_name = get_sop_class_iod_map().get(sop_class_uid)
+    iod_name = _sop_class_iods().get(sop_class_uid)
     if iod_name is None:
         return None
     with _lock:  # the first call per IOD builds its index: once, not once per thread
@@ -141,8 +165,6 @@ def attribute_type(sop_class_uid: str, path: Path, keyword: str) -> str | None:
 @cache
 def pixel_data_sop_classes() -> frozenset[str]:
     """The SOP Classes whose IOD holds pixel data (outside icon images)."""
-    from highdicom._standard_utils import get_iod_module_map, get_sop_class_iod_map
-
     with _lock:
         modules = _module_types()
     with_pixels = {
@@ -151,10 +173,10 @@ def pixel_data_sop_classes() -> frozenset[str]:
         if any(keyword in _PIXEL_KEYWORDS and "IconImageSequence" not in path for path, keyword in types)
     }
     iods = {
-        iod for iod, iod_modules in get_iod_module_map().items()
+        iod for iod, iod_modules in _iod_modules().items()
         if any(module["key"] in with_pixels for module in iod_modules)
     }  # fmt: skip
-    return frozenset(uid for uid, iod in get_sop_class_iod_map().items() if iod in iods)
+    return frozenset(uid for uid, iod in _sop_class_iods().items() if iod in iods)
 
 
 def iod_has_pixel_data(sop_class_uid: str) -> bool:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pydicom.dataset import Dataset
 
-from gateway.redact import redact_overview
-
 
 def overview_redactor(ocr: bool) -> _Redact:
     """A redactor for the engine: ``redact`` blacks the label out, ``replace``
@@ -18,6 +16,10 @@ class _Redact:
         self._ocr = ocr
 
     def __call__(self, dataset: Dataset, mode: str, research_ids: tuple[str, str]) -> str | None:
+        # Imported here: image codecs and OCR are loaded only by a gateway
+        # whose profile redacts overviews, and only once it meets one.
+        from gateway.redact import redact_overview
+
         result = redact_overview(
             dataset,
             mode="replace" if mode == "replace" else "blackout",
