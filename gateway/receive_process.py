@@ -16,6 +16,10 @@ The main process submits the entries to its forwarder, applies the counts to
 its own registry and writes the events through its own log guard, so
 ``/metrics`` and the log read as from one process.
 
+A child that ends on its own (a crash) is started again on the same address,
+after a pause that grows with each failure, so the gateway does not stay up
+without a receiver; until then ``/readyz`` reports ``listening`` failing.
+
 The child ends with the main process: the kernel kills it when the thread
 that started it ends (``PR_SET_PDEATHSIG``), so a gateway killed outright
 leaves no receiver behind to write into a spool the next one is recovering;
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
@@ -51,6 +56,9 @@ from gateway.spool import Spool
 START_SECONDS = 120.0
 #: How long a stopping child may take to close its associations.
 STOP_SECONDS = 30.0
+#: Pauses before restarting a child that ended on its own, one per attempt;
+#: the last one repeats.
+RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0)
 #: prctl(2) option: the signal a process gets when its parent thread ends.
 _PR_SET_PDEATHSIG = 1
 
@@ -166,7 +174,8 @@ class ReceiverProcess:
         self._conn: Connection | None = None
         self._thread: threading.Thread | None = None
         self._listening = False
-        self._stopping = False
+        self._stopping = threading.Event()
+        self._address: tuple[str, int] | None = None
 
     @property
     def listening(self) -> bool:
@@ -180,6 +189,15 @@ class ReceiverProcess:
 
     def start(self) -> tuple[str, int]:
         """Start the child; return the address it listens on, or raise OSError."""
+        self._address = self._spawn(self.config)
+        # One thread relays for the children's whole succession: a restarted
+        # child must be started by a thread that lives as long as the node,
+        # since the kernel kills it when the thread that started it ends.
+        self._thread = threading.Thread(target=self._supervise, name="receiver-relay", daemon=True)
+        self._thread.start()
+        return self._address
+
+    def _spawn(self, config: Config) -> tuple[str, int]:
         ours, theirs = socket.socketpair()
         with ours, theirs:
             process = subprocess.Popen(
@@ -188,7 +206,7 @@ class ReceiverProcess:
             )
             conn = Connection(ours.detach())
         self._process, self._conn = process, conn
-        conn.send((self.config, pixel_data_sop_classes()))
+        conn.send((config, pixel_data_sop_classes()))
         while True:
             if not conn.poll(START_SECONDS):
                 self._kill()
@@ -205,8 +223,6 @@ class ReceiverProcess:
                 raise OSError(message[1], message[2])
             self._handle(message)
         self._listening = True
-        self._thread = threading.Thread(target=self._relay, name="receiver-relay", daemon=True)
-        self._thread.start()
         return str(message[1]), int(message[2])
 
     def _handle(self, message: tuple[Any, ...]) -> None:
@@ -223,7 +239,18 @@ class ReceiverProcess:
         elif kind == "stdlog":
             logging.getLogger(message[2]).log(message[1], "%s", message[3])
 
+    def _supervise(self) -> None:
+        while True:
+            self._relay()
+            self._listening = False
+            if self._stopping.is_set():
+                return
+            get_logger(logger=__name__).critical("receiver.ended")
+            if not self._restart():
+                return
+
     def _relay(self) -> None:
+        """Handle the child's messages until it says it stopped or its pipe closes."""
         assert self._conn is not None
         while True:
             try:
@@ -238,9 +265,30 @@ class ReceiverProcess:
                 get_logger(logger=__name__).error(
                     "receiver.relay-failed", error_type=type(exc).__name__
                 )
-        self._listening = False
-        if not self._stopping:
-            get_logger(logger=__name__).critical("receiver.ended", reason="receiver-process-ended")
+
+    def _restart(self) -> bool:
+        """Start a new child on the address the first one listened on; False
+        when the node stopped meanwhile."""
+        assert self._address is not None
+        self._kill()
+        if self._conn is not None:
+            self._conn.close()
+        config = dataclasses.replace(
+            self.config, listen=dataclasses.replace(self.config.listen, port=self._address[1])
+        )
+        attempt = 0
+        while not self._stopping.wait(RESTART_DELAYS[min(attempt, len(RESTART_DELAYS) - 1)]):
+            attempt += 1
+            try:
+                self._spawn(config)
+            except OSError as exc:
+                get_logger(logger=__name__).error(
+                    "receiver.restart-failed", attempt=attempt, error_type=type(exc).__name__
+                )
+                continue
+            get_logger(logger=__name__).warning("receiver.restarted", attempt=attempt)
+            return True
+        return False
 
     def _kill(self) -> None:
         if self._process is not None and self._process.poll() is None:
@@ -249,7 +297,7 @@ class ReceiverProcess:
 
     def stop(self) -> None:
         """Stop listening; instances already admitted stay in the spool."""
-        self._stopping = True
+        self._stopping.set()
         if self._conn is not None:
             with contextlib.suppress(OSError):  # the child is already gone
                 self._conn.send("stop")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,3 +122,19 @@ def test_no_route_is_not_authorized(node: Node, files: dict[str, Path]) -> None:
     assert node.address is not None
     assert send(node.address[1], slide) == (True, STATUS_NOT_AUTHORIZED)
     assert node.idle()
+
+
+def test_a_receiving_process_that_dies_is_started_again_on_the_same_port(
+    node: Node, files: dict[str, Path]
+) -> None:
+    assert node.receiver is not None and node.address is not None
+    first = node.receiver.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while node.receiver.pid == first or not node.receiver.listening:
+        assert time.monotonic() < deadline, "the receiving process was not started again"
+        time.sleep(0.05)
+    assert send(node.address[1], files["sr"]) == (True, 0)
+    wait_idle(node)
+    assert len(list((Path.cwd() / "gateway-data" / "archive").rglob("*.dcm"))) == 1
