@@ -169,9 +169,11 @@ def test_full_disk_refuses_with_a700_and_keeps_the_spool_whole(
             assert statuses[-1] == STATUS_OUT_OF_RESOURCES, statuses
             assert set(statuses) <= {0, STATUS_OUT_OF_RESOURCES}, statuses
             assert check_spool(disk / "spool") == len(acked)
-            assert '"spool-full"' in gateway.log.read_text() or (
+            # The receiving process's log events reach the log through the main
+            # process, a moment after the status they explain.
+            assert wait_until(lambda: '"spool-full"' in gateway.log.read_text() or (
                 '"spool-write-failed"' in gateway.log.read_text()
-            )
+            ), 10)
             (tmp_path / "scp").mkdir()
             scp = subprocess.Popen(
                 [STORESCP, "-aet", "ARCHIVE", "-od", str(tmp_path / "scp"), str(scp_port)],
