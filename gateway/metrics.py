@@ -42,6 +42,19 @@ OTHER: Final = "other"
 REGISTRY: Final = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)
+#: The receiving process's id, set by :func:`watch_receiver_process`: the
+#: ``process_*`` metrics describe the main process only.
+_receiver_pid: Callable[[], int | None] | None = None
+
+
+def _receiver_proc_name() -> int | str:
+    """The receiving process's ``/proc`` entry; ``none`` (no entry, so no
+    samples) while there is no receiving process."""
+    pid = _receiver_pid() if _receiver_pid is not None else None
+    return pid if pid is not None else "none"
+
+
+ProcessCollector(namespace=f"{NAMESPACE}_receiver", pid=_receiver_proc_name, registry=REGISTRY)
 
 # --- bounded label vocabularies ------------------------------------------------
 
@@ -446,6 +459,13 @@ def watch_spool(entries: Callable[[], float], oldest_age_seconds: Callable[[], f
     """
     SPOOL_ENTRIES.set_function(entries)
     SPOOL_OLDEST_AGE.set_function(oldest_age_seconds)
+
+
+def watch_receiver_process(pid: Callable[[], int | None]) -> None:
+    """Export the receiving process's CPU time and memory, read from ``/proc``
+    at every scrape (``deid_gateway_receiver_process_*``)."""
+    global _receiver_pid
+    _receiver_pid = pid
 
 
 def watch_quarantine(entries: Callable[[], float]) -> None:

@@ -102,7 +102,7 @@ class Node:
                 open_folder(dest)
         self.audit = AuditTrail(self.config.audit_url)
         self.forwarder = Forwarder(self.config, self.spool, self.quarantine, self.engines, self.audit)
-        self.receiver = ReceiverProcess(self.config, self.forwarder.submit)
+        self.receiver = ReceiverProcess(self.config, self.forwarder.submit, self.spool.lock_fd)
         configure_pynetdicom()
         metrics.set_build_info(
             __version__,
@@ -123,6 +123,7 @@ class Node:
         self.forwarder.start(pending)
         self.monitor.start()
         self.address = self.receiver.start()
+        metrics.watch_receiver_process(lambda: self.receiver.pid if self.receiver is not None else None)
         _log().info(
             "node.started",
             version=__version__,
@@ -145,6 +146,7 @@ class Node:
         if self.health is not None:
             self.health.stop()
             self.health = None
+        self.spool.close()
         _log().info("node.stopped")
 
     def idle(self) -> bool:

@@ -167,9 +167,14 @@ def _child(conn: Connection) -> None:
 class ReceiverProcess:
     """Runs the receiver in a child process and relays what it reports."""
 
-    def __init__(self, config: Config, admitted: Callable[[str], None]) -> None:
+    def __init__(
+        self, config: Config, admitted: Callable[[str], None], spool_lock_fd: int | None = None
+    ) -> None:
+        """``spool_lock_fd`` is inherited by the child, so that the spool stays
+        locked while it lives (see :mod:`gateway.spool`)."""
         self.config = config
         self._admitted = admitted
+        self._spool_lock_fd = spool_lock_fd
         self._process: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._thread: threading.Thread | None = None
@@ -202,7 +207,8 @@ class ReceiverProcess:
         with ours, theirs:
             process = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(theirs.fileno()), str(os.getpid())],
-                pass_fds=[theirs.fileno()],
+                pass_fds=[theirs.fileno()]
+                + ([self._spool_lock_fd] if self._spool_lock_fd is not None else []),
             )
             conn = Connection(ours.detach())
         self._process, self._conn = process, conn

@@ -10,6 +10,11 @@ Layout under ``spool_dir``::
     done/<id>/       entries being deleted; emptied at start-up
     work/            de-identified output on its way out; emptied at start-up
 
+``.lock`` is held (``flock``) by the gateway using the spool and by its
+receiving process: a second gateway configured on the same spool, or one
+restarted while a process of the previous one still lives, waits for it
+rather than recovering a spool that is still being written.
+
 An entry becomes visible in ``ready/`` by one ``rename`` of a directory whose
 files were fsynced, followed by an fsync of ``ready/``: after a crash an entry
 is either complete or absent, and only then is the sender answered Success.
@@ -20,10 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
 import threading
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +39,15 @@ from pathlib import Path
 INSTANCE = "instance.dcm"
 ENTRY = "entry.json"
 STATE = "state.json"
+LOCK = ".lock"
+
+
+#: How long :meth:`Spool.open` waits for the spool's lock.
+LOCK_WAIT_SECONDS = 30.0
+
+
+class SpoolLockedError(OSError):
+    """Another process holds the spool (see the module documentation)."""
 
 
 class SpoolFullError(OSError):
@@ -126,14 +142,49 @@ class Spool:
         self.work = root / "work"
         self.min_free_bytes = min_free_bytes
         self._lock = threading.Lock()
+        self._lock_fd: int | None = None
 
-    def open(self) -> list[str]:
-        """Create the layout, drop what was never acknowledged; return pending ids, oldest first.
+    @property
+    def lock_fd(self) -> int | None:
+        """The descriptor holding the spool's lock, for a child process to inherit."""
+        return self._lock_fd
+
+    def _take_lock(self, wait: float) -> None:
+        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise SpoolLockedError(
+                        errno.EBUSY, "the spool is in use by another gateway process"
+                    ) from None
+                time.sleep(0.05)
+                continue
+            self._lock_fd = fd
+            return
+
+    def close(self) -> None:
+        """Release the spool's lock (processes that inherited it still hold it)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def open(self, wait: float = LOCK_WAIT_SECONDS) -> list[str]:
+        """Lock the spool, create the layout, drop what was never acknowledged;
+        return pending ids, oldest first.
 
         Anything in ``incoming/`` was never answered Success, and anything in
         ``done/`` was already delivered everywhere, and ``work/`` is re-made
-        from the spool, so all three are emptied.
+        from the spool, so all three are emptied. Raises
+        :class:`SpoolLockedError` when another process holds the spool for
+        longer than ``wait`` seconds.
         """
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self._lock_fd is None:
+            self._take_lock(wait)
         for directory in (self.root, self.incoming, self.ready, self.done, self.work):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             directory.chmod(0o700)

@@ -13,6 +13,7 @@ import yaml
 from pydicom import dcmread
 from pynetdicom import AE
 
+from gateway import metrics
 from gateway.config import DEFAULT_CONFIG_YAML, parse_config
 from gateway.node import Node
 from gateway.receive import STATUS_NOT_AUTHORIZED, STATUS_OUT_OF_RESOURCES, STATUS_TOO_LARGE
@@ -138,3 +139,12 @@ def test_a_receiving_process_that_dies_is_started_again_on_the_same_port(
     assert send(node.address[1], files["sr"]) == (True, 0)
     wait_idle(node)
     assert len(list((Path.cwd() / "gateway-data" / "archive").rglob("*.dcm"))) == 1
+
+
+def test_the_receiving_process_has_process_metrics_of_its_own(node: Node) -> None:
+    assert node.receiver is not None and node.receiver.pid is not None
+    rss = metrics.REGISTRY.get_sample_value("deid_gateway_receiver_process_resident_memory_bytes")
+    assert rss is not None and rss > 20e6
+    own_start = metrics.REGISTRY.get_sample_value("process_start_time_seconds")
+    start = metrics.REGISTRY.get_sample_value("deid_gateway_receiver_process_start_time_seconds")
+    assert own_start is not None and start is not None and start >= own_start

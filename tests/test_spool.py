@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import errno
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from gateway.quarantine import Quarantine, Reason
-from gateway.spool import EntryInfo, EntryState, Spool, SpoolFullError
+from gateway.spool import EntryInfo, EntryState, Spool, SpoolFullError, SpoolLockedError
 
 INFO = EntryInfo("SCANNER", "1.2.840.10008.5.1.4.1.1.77.1.6", "1.2.840.10008.1.2.1", "r", 5)
 
@@ -27,6 +28,7 @@ def test_admit_is_durable_and_survives_reopen(tmp_path: Path) -> None:
     assert not any(spool.incoming.iterdir())
     assert spool.instance(first).read_bytes() == b"one"
     assert oct(spool.root.stat().st_mode & 0o777) == "0o700"
+    spool.close()
     reopened = Spool(tmp_path / "spool")
     assert set(reopened.open()) == {first, second}
     assert reopened.info(first) == INFO
@@ -45,6 +47,7 @@ def test_recovery_drops_what_was_never_acknowledged(tmp_path: Path) -> None:
     (spool.ready / "broken").mkdir()
     (spool.done / "gone").mkdir()
     (spool.work / "gone.dcm").write_bytes(b"x")
+    spool.close()
     assert Spool(tmp_path / "spool").open() == [kept]
     for directory in (spool.incoming, spool.done, spool.work):
         assert list(directory.iterdir()) == []
@@ -110,3 +113,23 @@ def test_quarantine_hold_release_purge(tmp_path: Path) -> None:
     assert quarantine.ids() == []
     with pytest.raises(KeyError):
         quarantine.get(entry)
+
+
+def test_one_spool_one_gateway_and_its_children(tmp_path: Path) -> None:
+    """The lock keeps a second gateway out, also while a child that inherited it lives."""
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    with pytest.raises(SpoolLockedError):
+        Spool(tmp_path / "spool").open(wait=0.2)
+    assert spool.lock_fd is not None
+    child = subprocess.Popen(["sleep", "30"], pass_fds=[spool.lock_fd])
+    try:
+        spool.close()
+        with pytest.raises(SpoolLockedError):
+            Spool(tmp_path / "spool").open(wait=0.2)
+    finally:
+        child.kill()
+        child.wait()
+    again = Spool(tmp_path / "spool")
+    assert again.open(wait=5) == []
+    again.close()
