@@ -56,8 +56,6 @@ IDLE_RELEASE_SECONDS = 5.0
 #: How often the spool is rescanned for entries put back by ``quarantine release``.
 RESCAN_SECONDS = 5.0
 _MAX_CONTEXTS = 128
-#: Niceness of the worker threads (Linux schedules threads one by one).
-WORKER_NICENESS = 10
 
 
 class Engine(Protocol):
@@ -399,10 +397,6 @@ class Forwarder:
                 self.scheduler.add(entry_id)
 
     def _work(self) -> None:
-        # De-identification is throughput work; answering C-STOREs (the
-        # receiving process) and the peers' own processes are latency work:
-        # given the choice, the scheduler runs them first.
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
         while not self._stop.is_set():
             entry_id = self.scheduler.take(timeout=1.0)
             if entry_id is None:
