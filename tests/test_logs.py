@@ -11,6 +11,7 @@ import pytest
 import structlog
 
 from gateway import logs, metrics
+from tests.logcapture import captured_logs
 
 WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
@@ -31,19 +32,9 @@ class Terminal(io.StringIO):
 
 @pytest.fixture
 def out() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    stream = io.StringIO()
     metrics.register_destinations(["PACS_A"])
-    logs.configure_logging(stream)
-    yield stream
-    structlog.contextvars.clear_contextvars()
-    structlog.reset_defaults()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in saved_handlers:
-        root.addHandler(handler)
-    root.setLevel(saved_level)
+    with captured_logs() as stream:
+        yield stream
 
 
 def lines(stream: io.StringIO) -> list[dict[str, object]]:

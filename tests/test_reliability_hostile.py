@@ -14,23 +14,22 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import logs, metrics
+from gateway import metrics
 from gateway.config import parse_config
 from gateway.deid import Deidentifier, Outcome, SecretKey, load_profile
 from gateway.deid.stream import check_file
 from gateway.node import Node
 from gateway.receive import STATUS_DATA_SET_MISMATCH, STATUS_MALFORMED
 from tests.fuzz.make_corpus import CORPUS, huge_value, part10, write_corpus
+from tests.logcapture import captured_logs
 from tests.reliability import CALLING, send_one, wait_until
 
 ENGINE_PASSES: dict[str, str] = {}
@@ -111,18 +110,8 @@ def expected_status(case: Path) -> int:
 @pytest.fixture
 def log_lines() -> Iterator[io.StringIO]:
     """The gateway's JSON log lines, as ``serve`` writes them, for one test."""
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    stream = io.StringIO()
-    logs.configure_logging(stream, json=True)
-    yield stream
-    structlog.contextvars.clear_contextvars()
-    structlog.reset_defaults()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in saved_handlers:
-        root.addHandler(handler)
-    root.setLevel(saved_level)
+    with captured_logs(json=True) as stream:
+        yield stream
 
 
 @pytest.fixture
