@@ -337,7 +337,7 @@ class Forwarder:
         self.mappings = MappingWriter(config.mapping_dir) if config.mapping_dir is not None else None
         self.scheduler = Scheduler()
         # Hashing a large input takes as long as de-identifying it; hashlib
-        # releases the GIL, so it runs beside the work instead of before it.
+        # releases the GIL, so it runs beside de-identification, not before it.
         self._hashing = ThreadPoolExecutor(
             max_workers=config.forwarding.workers, thread_name_prefix="input-hash"
         )
@@ -547,6 +547,10 @@ class Forwarder:
                     counted=report.outcome is Outcome.QUARANTINED,
                 )
                 return
+            # Nothing leaves before the input's hash is known: a failure to hash
+            # raises here, with nothing sent, and not after a delivery that the
+            # audit trail could then not record.
+            job.input_sha256.result()
             if self.mappings is not None:
                 self.mappings.add(report)
             self._deliver(job, route, output, report)
