@@ -8,7 +8,6 @@ Debian's dcmtk needs to set the socket option.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -170,6 +169,7 @@ class Gateway:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
                 cwd=self.directory, stdout=log, stderr=log,
+                start_new_session=True,  # its own process group: kill() waits for all of it
             )
         wait_for_port(self.port, self.proc, timeout=60)
         return self
@@ -178,38 +178,38 @@ class Gateway:
         stop(self.proc, sig)
 
     def kill(self) -> None:
-        """kill -9: no clean-up of any kind.
+        """kill -9 of the gateway's main process: no clean-up of any kind.
 
-        Returns once the gateway's receiving process has ended too (the kernel
-        kills it with its parent, but a process blocked in an fsync ends only
-        when that returns, and until then its listening socket still accepts
-        connections), as a supervisor killing the service's process group would.
+        Returns once every process of the gateway's process group has ended
+        (the kernel kills the receiving process with its parent, but a process
+        blocked in an fsync ends only when that returns, and until then its
+        listening socket still accepts connections), as a supervisor that
+        restarts the service once all of it is gone would.
         """
         if self.proc is not None and self.proc.poll() is None:
-            children = _children(self.proc.pid)
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
-            for child in children:
-                _wait_ended(child, timeout=10)
+            _wait_group_ended(self.proc.pid, timeout=10)
 
 
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            found += [int(c) for c in (task / "children").read_text().split()]
-    return found
-
-
-def _wait_ended(pid: int, timeout: float) -> None:
-    """Wait until ``pid`` has exited (gone, or a zombie nobody has reaped yet)."""
+def _wait_group_ended(pgid: int, timeout: float) -> None:
+    """Wait until no process of group ``pgid`` is alive (zombies nobody has
+    reaped yet count as ended)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return
-        if state in ("Z", "X"):
-            return
+    while alive := _group_alive(pgid):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"processes {alive} of group {pgid} did not end")
         time.sleep(0.01)
-    raise TimeoutError(f"process {pid} did not end")
+
+
+def _group_alive(pgid: int) -> list[int]:
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # After the command name in parentheses: state, ppid, pgrp, ...
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            alive.append(int(stat.parent.name))
+    return alive
