@@ -165,8 +165,10 @@ def test_full_disk_refuses_with_a700_and_keeps_the_spool_whole(
             statuses = [send_one(gateway.port, path) for path in files]
             assert gateway.proc is not None and gateway.proc.poll() is None, "the gateway died"
             acked = [path for path, status in zip(files, statuses, strict=True) if status == 0]
-            assert acked, statuses
-            assert statuses[-1] == STATUS_OUT_OF_RESOURCES, statuses
+            refused = [p for p, status in zip(files, statuses, strict=True) if status != 0]
+            # Once the disk is full, an instance may still fit now and then: the
+            # forwarder's scratch copy of an instance it tries to send comes and goes.
+            assert acked and refused, statuses
             assert set(statuses) <= {0, STATUS_OUT_OF_RESOURCES}, statuses
             assert check_spool(disk / "spool") == len(acked)
             # The receiving process's log events reach the log through the main
@@ -181,8 +183,8 @@ def test_full_disk_refuses_with_a700_and_keeps_the_spool_whole(
             )
             wait_for_port(scp_port, scp)
             assert wait_until(lambda: len(list((disk / "spool" / "ready").iterdir())) == 0, 60)
-            # Room again: the next instance is taken.
-            assert send_one(gateway.port, files[-1]) == 0
+            # Room again: an instance refused before is taken.
+            assert send_one(gateway.port, refused[-1]) == 0
         finally:
             gateway.stop()
             stop(scp)
