@@ -64,7 +64,7 @@ class Engine(Protocol):
     @property
     def profile(self) -> Profile: ...
 
-    def deidentify_file(self, src: Path, dst: Path) -> DeidReport: ...
+    def deidentify_file(self, src: Path, dst: Path, *, durable: bool = True) -> DeidReport: ...
 
 
 class SendError(Exception):
@@ -503,8 +503,9 @@ class Forwarder:
         try:
             started = time.monotonic()
             try:
+                # A scratch copy: after a crash work/ is emptied and it is made again.
                 report = self.engines[route.name].deidentify_file(
-                    self.spool.instance(entry_id), output
+                    self.spool.instance(entry_id), output, durable=False
                 )
             except Exception as exc:
                 self._hold(job, "internal-error", f"de-identification raised {type(exc).__name__}")

@@ -42,6 +42,7 @@ from gateway.deid.policy import has_pixel_data, image_flavor, judge
 from gateway.deid.profile import EXTRA_ACTIONS, Profile
 from gateway.deid.pseudonyms import PatientLookup, Pseudonymizer
 from gateway.deid.report import DeidReport, ExplainEntry, Outcome
+from gateway.deid.reuse import HeaderMemo
 from gateway.deid.standard import (
     OPTION_COLUMNS,
     TableRow,
@@ -143,6 +144,7 @@ class Deidentifier:
         *,
         patient_lookup: PatientLookup | None = None,
         redactor: Redactor | None = None,
+        reuse_headers: bool = True,
     ) -> None:
         if patient_lookup is None and profile.patient_lookup is not None:
             patient_lookup = PatientLookup.from_csv(profile.patient_lookup)
@@ -156,6 +158,9 @@ class Deidentifier:
         self.redactor = redactor or overview_redactor(profile.pixels.ocr)
         self._table = confidentiality_table()
         self._row_actions = {id(row): self._row_action(row) for row in self._table.rows}
+        #: De-identified headers kept for the next instances of a series
+        #: (``reuse_headers=False``: every instance takes a full run).
+        self.memo = HeaderMemo() if reuse_headers else None
 
     # ----------------------------------------------------------------- rules
     def _row_action(self, row: TableRow) -> _Decision:
@@ -483,7 +488,8 @@ class Deidentifier:
                     Outcome.QUARANTINED, failure, "the OVERVIEW label area could not be redacted safely"
                 )
         self._mark(dataset)
-        findings = scanner_for(self.profile, state.found).scan(dataset)
+        scanner = scanner_for(self.profile, state.found)
+        findings = scanner.scan(dataset)
         if findings:
             report.findings = [f"{f.path} ({f.kind})" for f in findings]
             return report.stop(
@@ -491,15 +497,19 @@ class Deidentifier:
                 "phi-found-in-output",
                 f"an identifying value of the input was found in {len(findings)} element(s) of the output",
             )
+        report.output_scanner = scanner
         report.new_sop_instance_uid = str(dataset.SOPInstanceUID)
         report.new_study_instance_uid = str(dataset.get("StudyInstanceUID", "")) or None
         report.new_series_instance_uid = str(dataset.get("SeriesInstanceUID", "")) or None
         return report
 
-    def deidentify_file(self, src: Path, dst: Path, *, explain: bool = False) -> DeidReport:
+    def deidentify_file(
+        self, src: Path, dst: Path, *, explain: bool = False, durable: bool = True
+    ) -> DeidReport:
         """De-identify the file ``src`` into ``dst``, streaming the pixel data
-        (see :mod:`gateway.deid.stream`); ``dst`` exists only when passed."""
-        return stream.deidentify_file(self, src, dst, explain=explain)
+        (see :mod:`gateway.deid.stream`); ``dst`` exists only when passed, and
+        is flushed to disk unless ``durable`` is false."""
+        return stream.deidentify_file(self, src, dst, explain=explain, durable=durable)
 
     def _mark(self, dataset: Dataset) -> None:
         """Record what was done, as PS3.15 E.1.1 asks."""

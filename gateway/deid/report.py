@@ -5,7 +5,10 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.deid.verify import OutputScanner
 
 
 class Outcome(enum.Enum):
@@ -68,6 +71,10 @@ class DeidReport:
     unaddressed: list[str] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)
     explain: list[ExplainEntry] = field(default_factory=list)
+    #: The scanner that searched the output for the input's identifying values
+    #: (it holds them: never log it); kept to check instances that share this
+    #: one's header, see :mod:`gateway.deid.reuse`.
+    output_scanner: OutputScanner | None = field(default=None, repr=False, compare=False)
 
     def stop(self, outcome: Outcome, reason: str, detail: str) -> DeidReport:
         """Mark the instance as not passed, with a PHI-free reason code and sentence."""

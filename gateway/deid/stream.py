@@ -13,6 +13,7 @@ Deflated datasets and OVERVIEW images that are to be redacted are read whole
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -61,15 +62,27 @@ def deidentify_file(
     *,
     explain: bool = False,
     max_whole_bytes: int = MAX_WHOLE_BYTES,
+    durable: bool = True,
 ) -> DeidReport:
     """De-identify ``src`` into ``dst``; ``dst`` is written only when passed.
 
     Never raises for what is in the file: anything that cannot be read is
     quarantined as ``unreadable``, a failure inside the engine as
     ``internal-error``, a failure to write as ``rewrite-failed``. The output is
-    written to a temporary name beside ``dst``, flushed to disk and renamed, so
-    ``dst`` either holds a whole instance or does not exist.
+    written to a temporary name beside ``dst`` and renamed, so ``dst`` either
+    holds a whole instance or does not exist; ``durable`` flushes it to disk
+    first (a forwarder's scratch copy, made again after a crash, needs not).
     """
+    memo = None if explain else deid.memo
+    probe = memo.probe(src) if memo is not None else None
+    if memo is not None and probe is not None:
+        try:
+            reused = memo.rewrite(deid, probe, src, dst, durable=durable)
+        except Exception:  # a full run decides, and reports whatever the problem is
+            _temporary(dst).unlink(missing_ok=True)
+            reused = None
+        if reused is not None:
+            return reused
     redact = deid.profile.pixels.overview in ("redact", "replace")
     try:
         source = _read(src, redact, max_whole_bytes)
@@ -87,9 +100,12 @@ def deidentify_file(
         return report
     try:
         if source.pixel_extent is None:
-            _write_whole(source.dataset, source.syntax, dst)
+            _write_whole(source.dataset, source.syntax, dst, durable)
+            header_length = None
         else:
-            _write_streamed(source.dataset, source.syntax, src, source.pixel_extent, source.pixel_tag, dst)
+            header_length = _write_streamed(
+                source.dataset, source.syntax, src, source.pixel_extent, source.pixel_tag, dst, durable
+            )
     except Exception as exc:  # nothing half-written is left, and the instance is held back
         _temporary(dst).unlink(missing_ok=True)
         return report.stop(
@@ -97,6 +113,14 @@ def deidentify_file(
             "rewrite-failed",
             f"the de-identified instance could not be written ({type(exc).__name__})",
         )
+    if (
+        memo is not None
+        and probe is not None
+        and header_length is not None
+        and source.pixel_extent == probe.pixel_extent
+    ):
+        with contextlib.suppress(Exception):  # not kept: the next instance takes a full run
+            memo.learn(deid, probe, source.dataset, report, dst, header_length)
     return report
 
 
@@ -415,13 +439,14 @@ def _temporary(dst: Path) -> Path:
     return dst.with_name(f".{dst.name}.partial")
 
 
-def _write_whole(dataset: Dataset, syntax: UID, dst: Path) -> None:
+def _write_whole(dataset: Dataset, syntax: UID, dst: Path, durable: bool = True) -> None:
     dataset.file_meta = _file_meta(dataset, syntax)
     tmp = _temporary(dst)
     with tmp.open("wb") as out:
         pydicom.dcmwrite(out, dataset, enforce_file_format=True)
         out.flush()
-        os.fsync(out.fileno())
+        if durable:
+            os.fsync(out.fileno())
     tmp.replace(dst)
 
 
@@ -432,31 +457,56 @@ def _write_streamed(
     extent: tuple[int, int],
     pixel_tag: int | None,
     dst: Path,
-) -> None:
+    durable: bool = True,
+) -> int:
+    """Write the de-identified ``header``, then the input's pixel data; return
+    the length of what precedes the pixel data."""
     tail = Dataset()
     if pixel_tag is not None:
         for tag in [t for t in header.keys() if int(t) > pixel_tag]:
             tail[tag] = header[tag]
             del header[tag]
     header.file_meta = _file_meta(header, syntax)
+    encoded = DicomBytesIO()
+    pydicom.dcmwrite(encoded, header, enforce_file_format=True)
+    trailer = b""
+    if len(tail):
+        buffer = DicomBytesIO()
+        buffer.is_little_endian = syntax.is_little_endian
+        buffer.is_implicit_VR = syntax.is_implicit_VR
+        write_dataset(buffer, tail)
+        trailer = buffer.getvalue()
+    head = encoded.getvalue()
+    _write_header_and_pixels(head, src, extent, dst, trailer, durable=durable)
+    return len(head)
+
+
+def _write_header_and_pixels(
+    head: bytes,
+    src: Path,
+    extent: tuple[int, int],
+    dst: Path,
+    tail: bytes = b"",
+    *,
+    durable: bool = True,
+) -> None:
+    """Write ``head``, the bytes ``extent`` of ``src`` and ``tail`` to a
+    temporary name beside ``dst`` and rename it; ``durable`` flushes it to
+    disk first."""
     tmp = _temporary(dst)
     with tmp.open("wb") as out:
-        pydicom.dcmwrite(out, header, enforce_file_format=True)
-        out.flush()
-        position = out.tell()
+        out.write(head)
+        position = len(head)
         start, end = extent
         if end > start:
             with src.open("rb") as source:
                 _copy_range(source, out, start, end - start, position)
             out.seek(position + end - start)
-        if len(tail):
-            buffer = DicomBytesIO()
-            buffer.is_little_endian = syntax.is_little_endian
-            buffer.is_implicit_VR = syntax.is_implicit_VR
-            write_dataset(buffer, tail)
-            out.write(buffer.getvalue())
+        if tail:
+            out.write(tail)
         out.flush()
-        os.fsync(out.fileno())
+        if durable:
+            os.fsync(out.fileno())
     tmp.replace(dst)
 
 

@@ -1,0 +1,410 @@
+"""Reuse of a de-identified header across the instances of a series.
+
+The instances of a whole-slide series (the concatenations of a level, the
+many instances a scanner splits a study into, the copies a queue sends again)
+carry the same header but for a few per-instance attributes: SOP Instance
+UID, Instance Number and the concatenation numbers. Parsing, de-identifying
+and encoding that header costs pydicom tens of milliseconds per instance
+while the pixel data passes through untouched, so the result of the first
+run is kept and the next instances with the same header are rewritten from
+it. Nothing is reused that is not provably what a full run writes:
+
+* The key is a SHA-256 of every byte of the header (preamble, file meta and
+  the data set up to the pixel data) except the values of the per-instance
+  attributes and of the two file meta elements derived from them (the group
+  length and the Media Storage SOP Instance UID). Their tags are in the key,
+  so the set of attributes is the same.
+* What the engine did to each per-instance attribute is read off the first
+  run (kept, replaced through the keyed UID map, or removed); anything else,
+  or an empty value, makes the header not reusable.
+* The identifying values the per-instance attributes carry (harvested as on
+  the full run) are searched for in the reused bytes, and the new values go
+  through the first run's output scanner; any hit falls back to a full run.
+* The stored header is the bytes the first run wrote, split into elements,
+  and it is stored only when re-assembling it with the first instance's own
+  values gives those bytes back exactly.
+
+Instances with elements after the pixel data, or read whole (deflated, or
+OVERVIEW images to redact), or de-identified with ``explain``, always take
+the full run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import struct
+import threading
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_data_element, write_file_meta_info
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from gateway.deid.harvest import harvest
+from gateway.deid.report import DeidReport, Outcome
+from gateway.deid.stream import (
+    _PIXEL_TAGS,
+    MalformedError,
+    _element_end,
+    _file_meta,
+    _pixel_extent,
+    _write_header_and_pixels,
+)
+from gateway.deid.uids import is_well_known
+from gateway.deid.verify import OutputScanner, scanner_for
+
+if TYPE_CHECKING:
+    from gateway.deid.engine import Deidentifier
+
+#: The per-instance attributes: SOP Instance UID, Instance Number, In-concatenation
+#: Number and Concatenation Frame Offset Number.
+PER_INSTANCE_TAGS = frozenset({0x00080018, 0x00200013, 0x00209162, 0x00209228})
+_SOP_INSTANCE_UID = 0x00080018
+_META_GROUP_LENGTH = 0x00020000
+_MEDIA_SOP_INSTANCE_UID = 0x00020003
+_PREFIX = 132  # preamble and "DICM"
+#: Headers are read in steps up to this size; a larger header is not reused.
+MAX_HEADER_BYTES = 8 * 1024 * 1024
+_FIRST_READ = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The header of an input, read raw: its key and per-instance values."""
+
+    key: bytes
+    syntax: UID
+    per_instance: Dataset
+    media_sop_instance_uid: bytes
+    pixel_extent: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _Action:
+    kind: str  # "keep", "remap" or "remove"
+    vr: str
+
+
+@dataclass(frozen=True)
+class _Entry:
+    prefix: bytes
+    elements: tuple[tuple[int, bytes], ...]
+    actions: dict[int, _Action]
+    sop_class_uid: str
+    haystack: bytes
+    report: DeidReport
+    scanner: OutputScanner
+
+
+class HeaderMemo:
+    """The de-identified headers of the last ``capacity`` distinct inputs.
+
+    Thread-safe; one per :class:`~gateway.deid.engine.Deidentifier` (the
+    stored output depends on its profile and key).
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+        #: Instances written from a stored header, and instances probed that
+        #: took a full run (no stored header, or one that could not be reused).
+        self.hits = 0
+        self.misses = 0
+
+    def probe(self, src: Path) -> Probe | None:
+        """Read the header of ``src`` raw; ``None`` when it cannot be reused
+        (a full run decides what to do with it)."""
+        try:
+            return _probe(src)
+        except Exception:  # deep nesting, bad lengths, unreadable: all for the full run to report
+            return None
+
+    def rewrite(
+        self, deid: Deidentifier, probe: Probe, src: Path, dst: Path, *, durable: bool = True
+    ) -> DeidReport | None:
+        """Write ``dst`` from a stored header; ``None`` when there is none for
+        this input or it cannot be reused safely (``dst`` is then not written)."""
+        with self._lock:
+            entry = self._entries.get(probe.key)
+            if entry is not None:
+                self._entries.move_to_end(probe.key)
+        if entry is None:
+            self.misses += 1
+            return None
+        values = _new_values(deid, entry, probe)
+        if values is None:
+            self.misses += 1
+            return None
+        header = _assemble(entry, values, probe.syntax)
+        _write_header_and_pixels(header, src, probe.pixel_extent, dst, durable=durable)
+        self.hits += 1
+        report = _copy(entry.report)
+        new_uid = values.get(_SOP_INSTANCE_UID)
+        old_uid = str(probe.per_instance[_SOP_INSTANCE_UID].value)
+        report.new_sop_instance_uid = str(new_uid.value) if new_uid is not None else None
+        if new_uid is not None and str(new_uid.value) != old_uid:
+            report.uid_map[old_uid] = str(new_uid.value)
+        return report
+
+    def learn(
+        self,
+        deid: Deidentifier,
+        probe: Probe,
+        output: Dataset,
+        report: DeidReport,
+        dst: Path,
+        header_length: int,
+    ) -> None:
+        """Keep what a full run wrote for ``probe``'s input, if it can be reused."""
+        if report.outcome is not Outcome.PASSED or report.output_scanner is None:
+            return
+        actions = _actions(deid, probe.per_instance, output)
+        if actions is None or _SOP_INSTANCE_UID not in actions or actions[_SOP_INSTANCE_UID].kind == "remove":
+            return
+        with dst.open("rb") as fh:
+            data = fh.read(header_length)
+        if len(data) != header_length or data[128:_PREFIX] != b"DICM":
+            return
+        try:
+            dataset_start = _meta_end(data)
+            elements = _split(data, dataset_start, probe.syntax)
+        except (MalformedError, struct.error):
+            return
+        if any(tag in _PIXEL_TAGS or tag < 0x00080000 for tag, _ in elements):
+            return
+        stored = _copy(report)
+        # The map of this instance's own UIDs goes; a UID that the rest of the
+        # header also holds stays (its replacement is in the stored elements).
+        rest = b"".join(chunk for tag, chunk in elements if tag not in PER_INSTANCE_TAGS)
+        for elem in probe.per_instance:
+            old = str(elem.value)
+            new = stored.uid_map.get(old)
+            if new is not None and new.encode("ascii") not in rest:
+                del stored.uid_map[old]
+        entry = _Entry(
+            prefix=data[:_PREFIX],
+            elements=tuple(elements),
+            actions=actions,
+            sop_class_uid=str(output.SOPClassUID),
+            haystack=data.lower(),
+            report=stored,
+            scanner=report.output_scanner,
+        )
+        values = {tag: output[tag] for tag, action in actions.items() if action.kind != "remove"}
+        if _assemble(entry, values, probe.syntax) != data:
+            return
+        with self._lock:
+            self._entries[probe.key] = entry
+            self._entries.move_to_end(probe.key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+
+def _probe(src: Path) -> Probe | None:
+    with src.open("rb") as fp:
+        size = os.fstat(fp.fileno()).st_size
+        want = min(size, _FIRST_READ)
+        while True:
+            fp.seek(0)
+            data = fp.read(want)
+            parsed = _parse(data, complete=want == size)
+            if parsed is not None or want >= min(size, MAX_HEADER_BYTES):
+                break
+            want = min(size, want * 8, MAX_HEADER_BYTES)
+        if parsed is None:
+            return None
+        digest, syntax, per_instance_raw, media_uid, pixel_start = parsed
+        if pixel_start >= size:
+            return None
+        pixel_end, pixel_tag = _pixel_extent(fp, pixel_start, size, syntax)
+    if pixel_tag is None or pixel_end != size:
+        return None
+    digest.update(struct.pack("<L", pixel_tag))
+    per_instance = read_dataset(io.BytesIO(per_instance_raw), syntax.is_implicit_VR, True)
+    for elem in per_instance:  # decoded now: a value that does not decode is for the full run
+        if elem.VR == "SQ" or not elem.value:
+            return None
+    if _SOP_INSTANCE_UID not in per_instance:
+        return None
+    return Probe(digest.digest(), syntax, per_instance, media_uid, (pixel_start, pixel_end))
+
+
+def _parse(
+    data: bytes, *, complete: bool
+) -> tuple[hashlib._Hash, UID, bytes, bytes, int] | None:
+    """Key the header in ``data``; ``None`` when ``data`` ends before the pixel
+    data (read more) or the header is not one this memo handles."""
+    if len(data) < _PREFIX or data[128:_PREFIX] != b"DICM":
+        return None
+    digest = hashlib.sha256(data[:_PREFIX])
+    offset, syntax, media_uid = _PREFIX, None, b""
+    while len(data) - offset >= 8 and struct.unpack_from("<H", data, offset)[0] == 0x0002:
+        end = _element_end(data, offset, implicit=False, little=True)
+        group, element = struct.unpack_from("<HH", data, offset)
+        tag = (group << 16) | element
+        value = data[offset + 8 : end]
+        if tag == 0x00020010:
+            syntax = UID(value.rstrip(b"\0 ").decode("ascii"))
+        if tag == _MEDIA_SOP_INSTANCE_UID:
+            media_uid = value
+        elif tag != _META_GROUP_LENGTH:
+            digest.update(data[offset:end])
+        offset = end
+    if syntax is None or not syntax.is_transfer_syntax or not syntax.is_little_endian:
+        return None
+    if syntax == DeflatedExplicitVRLittleEndian:
+        return None
+    digest.update(b"\0dataset\0")
+    per_instance = bytearray()
+    while offset < len(data):
+        if len(data) - offset < 8:
+            return None
+        group, element = struct.unpack_from("<HH", data, offset)
+        tag = (group << 16) | element
+        if tag in _PIXEL_TAGS:
+            return digest, syntax, bytes(per_instance), media_uid, offset
+        try:
+            end = _element_end(data, offset, syntax.is_implicit_VR, True)
+        except MalformedError:
+            if complete:
+                raise
+            return None  # cut short by the read, or malformed: the caller reads more or gives up
+        if tag in PER_INSTANCE_TAGS:
+            digest.update(struct.pack("<L", tag))
+            per_instance += data[offset:end]
+        else:
+            digest.update(data[offset:end])
+        offset = end
+    return None
+
+
+def _actions(deid: Deidentifier, inputs: Dataset, output: Dataset) -> dict[int, _Action] | None:
+    """What the engine did to each per-instance attribute, when it is a
+    function of the value alone."""
+    actions: dict[int, _Action] = {}
+    for elem in inputs:
+        tag = int(elem.tag)
+        if tag not in output:
+            actions[tag] = _Action("remove", elem.VR)
+            continue
+        out = output[tag]
+        if out.VR != elem.VR or out.VM != 1 or elem.VM != 1:
+            return None
+        if elem.VR == "UI":
+            uid = str(elem.value)
+            if is_well_known(uid):
+                return None
+            if str(out.value) == deid.uids.remap(uid):
+                actions[tag] = _Action("remap", "UI")
+            elif str(out.value) == uid:
+                actions[tag] = _Action("keep", "UI")
+            else:
+                return None
+        elif elem.VR in ("IS", "US", "UL") and out.value == elem.value:
+            actions[tag] = _Action("keep", elem.VR)
+        else:
+            return None
+    return actions
+
+
+def _new_values(deid: Deidentifier, entry: _Entry, probe: Probe) -> dict[int, DataElement] | None:
+    """The output's per-instance elements for ``probe``, or ``None`` when
+    reusing the stored header could let an identifying value through."""
+    inputs = probe.per_instance
+    if set(entry.actions) != {int(tag) for tag in inputs.keys()}:
+        return None
+    uid = inputs[_SOP_INSTANCE_UID].value
+    if probe.media_sop_instance_uid.rstrip(b"\0 ").decode("ascii", "replace") != str(uid):
+        return None  # the full run refuses a file meta that names another instance
+    carried = harvest(inputs)
+    for value in carried.text_values() | carried.uids:
+        if value.lower().encode("utf-8", "replace") in entry.haystack:
+            return None
+    values: dict[int, DataElement] = {}
+    for tag, action in entry.actions.items():
+        elem = inputs[tag]
+        if elem.VM != 1 or action.vr != elem.VR:
+            return None
+        if action.kind == "remap":
+            if is_well_known(str(elem.value)):
+                return None
+            values[tag] = DataElement(tag, "UI", deid.uids.remap(str(elem.value)))
+        elif action.kind == "keep":
+            values[tag] = DataElement(tag, elem.VR, elem.value)
+    check = Dataset()
+    for elem in values.values():
+        check.add(elem)
+    if entry.scanner.scan(check) or scanner_for(deid.profile, carried).scan(check):
+        return None
+    return values
+
+
+def _assemble(entry: _Entry, values: dict[int, DataElement], syntax: UID) -> bytes:
+    """The output header: the stored elements, with the per-instance ones and
+    the file meta made for this instance."""
+    out = DicomBytesIO()
+    out.is_little_endian = True
+    out.is_implicit_VR = False
+    out.write(entry.prefix)
+    named = Dataset()
+    named.SOPClassUID = entry.sop_class_uid
+    named.SOPInstanceUID = values[_SOP_INSTANCE_UID].value
+    write_file_meta_info(out, _file_meta(named, syntax), enforce_standard=True)
+    out.is_implicit_VR = syntax.is_implicit_VR
+    pending = sorted(values.items())
+    for tag, chunk in entry.elements:
+        while pending and pending[0][0] < tag:
+            write_data_element(out, pending.pop(0)[1])
+        if pending and pending[0][0] == tag:
+            write_data_element(out, pending.pop(0)[1])
+        else:
+            out.write(chunk)
+    for _, elem in pending:
+        write_data_element(out, elem)
+    return bytes(out.getvalue())
+
+
+def _copy(report: DeidReport) -> DeidReport:
+    """A report of its own for another instance (the containers are not shared)."""
+    return dataclasses.replace(
+        report,
+        action_counts=Counter(report.action_counts),
+        uid_map=dict(report.uid_map),
+        patient_map=dict(report.patient_map),
+        unaddressed=list(report.unaddressed),
+        findings=[],
+        explain=[],
+        output_scanner=None,
+    )
+
+
+def _meta_end(data: bytes) -> int:
+    offset = _PREFIX
+    while len(data) - offset >= 8 and struct.unpack_from("<H", data, offset)[0] == 0x0002:
+        offset = _element_end(data, offset, implicit=False, little=True)
+    return offset
+
+
+def _split(data: bytes, start: int, syntax: UID) -> list[tuple[int, bytes]]:
+    """The top-level elements of the data set in ``data[start:]``, as (tag, bytes)."""
+    elements = []
+    offset = start
+    while offset < len(data):
+        group, element = struct.unpack_from("<HH", data, offset)
+        end = _element_end(data, offset, syntax.is_implicit_VR, True)
+        elements.append(((group << 16) | element, data[offset:end]))
+        offset = end
+    return elements
+
+
+__all__ = ["PER_INSTANCE_TAGS", "HeaderMemo", "Probe"]

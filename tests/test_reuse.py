@@ -1,0 +1,193 @@
+"""Reuse of a de-identified header across the instances of a series.
+
+Every instance is de-identified twice, by an engine that reuses headers and
+by one that never does, and the two results must be the same bytes and the
+same report. The reusing engine must actually reuse (its hit count), and
+must fall back to a full run whenever a per-instance value could carry an
+identifying value into the shared header.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from gateway.deid import Deidentifier, Outcome, SecretKey, load_profile
+from gateway.deid.report import DeidReport
+from gateway.synthetic import SyntheticStudy
+
+#: Long random UIDs under 2.25: no one is a part of another, or of the header.
+UIDS = st.integers(min_value=10**30, max_value=2**128 - 1).map(lambda n: f"2.25.{n}")
+NUMBERS = st.integers(min_value=1, max_value=2**31 - 1)
+SETTINGS = settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@pytest.fixture(scope="module")
+def level(synthetic_study: SyntheticStudy) -> Dataset:
+    """A VOLUME level of the shared synthetic slide, with its pixel data."""
+    for path in synthetic_study.slides[1]:
+        ds = dcmread(path)
+        if "VOLUME" in ds.ImageType and "PixelData" in ds:
+            return ds
+    raise AssertionError("the synthetic slide has no VOLUME level")
+
+
+def write_instance(
+    template: Dataset, path: Path, uid: str, number: int, comments: str | None = None
+) -> Path:
+    ds = template.copy()
+    ds.file_meta = template.file_meta.copy()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.InstanceNumber = number
+    if comments is not None:
+        ds.ImageComments = comments
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def same_result(
+    reusing: Deidentifier, full: Deidentifier, src: Path, out: Path
+) -> DeidReport:
+    """De-identify ``src`` with both engines; assert equal results; return one report."""
+    a, b = out / "reused.dcm", out / "full.dcm"
+    a.unlink(missing_ok=True)
+    b.unlink(missing_ok=True)
+    report = reusing.deidentify_file(src, a, durable=False)
+    expected = full.deidentify_file(src, b, durable=False)
+    assert report.public() == expected.public()
+    assert report.uid_map == expected.uid_map
+    assert report.patient_map == expected.patient_map
+    assert a.is_file() == b.is_file()
+    if b.is_file():
+        assert a.read_bytes() == b.read_bytes()
+    return report
+
+
+def engines(key: SecretKey, profile: str = "research") -> tuple[Deidentifier, Deidentifier]:
+    loaded = load_profile(profile)
+    return Deidentifier(loaded, key), Deidentifier(loaded, key, reuse_headers=False)
+
+
+@SETTINGS
+@given(instances=st.lists(st.tuples(UIDS, NUMBERS), min_size=2, max_size=5, unique_by=lambda t: t[0]))
+def test_a_reused_header_is_what_a_full_run_writes(
+    tmp_path: Path, key: SecretKey, level: Dataset, instances: list[tuple[str, int]]
+) -> None:
+    reusing, full = engines(key)
+    assert reusing.memo is not None
+    for index, (uid, number) in enumerate(instances):
+        src = write_instance(level, tmp_path / f"in-{index}.dcm", uid, number)
+        report = same_result(reusing, full, src, tmp_path)
+        assert report.outcome is Outcome.PASSED
+        assert uid.encode() not in (tmp_path / "reused.dcm").read_bytes()
+    assert (reusing.memo.hits, reusing.memo.misses) == (len(instances) - 1, 1)
+
+
+@SETTINGS
+@given(uids=st.lists(UIDS, min_size=3, max_size=3, unique=True), number=NUMBERS)
+def test_an_instance_whose_uid_the_shared_header_names_takes_a_full_run(
+    tmp_path: Path, key: SecretKey, level: Dataset, uids: list[str], number: int
+) -> None:
+    """A profile keeps Image Comments as they are, and they name the later
+    instances' UIDs: harmless text for the first instance, an identifying
+    value for each of those instances, which the full run quarantines."""
+    profile = tmp_path / "comments.yaml"
+    profile.write_text(
+        "name: comments\nextends: research\nrules:\n"
+        "  - attribute: ImageComments\n    action: K\n    why: a test of the output scan\n",
+        encoding="utf-8",
+    )
+    reusing, full = engines(key, str(profile))
+    assert reusing.memo is not None
+    comments = f"see {uids[1]} and {uids[2]}"
+    outcomes = []
+    for index, uid in enumerate(uids):
+        src = write_instance(level, tmp_path / f"in-{index}.dcm", uid, number + index, comments)
+        outcomes.append(same_result(reusing, full, src, tmp_path).outcome)
+    assert outcomes == [Outcome.PASSED, Outcome.QUARANTINED, Outcome.QUARANTINED]
+    assert reusing.memo.hits == 0
+
+
+def test_a_changed_shared_attribute_is_a_new_header(
+    tmp_path: Path, key: SecretKey, level: Dataset
+) -> None:
+    reusing, full = engines(key)
+    assert reusing.memo is not None
+    first = write_instance(level, tmp_path / "a.dcm", "2.25.1234567890123456789012345678901", 1)
+    same_result(reusing, full, first, tmp_path)
+    other = level.copy()
+    other.file_meta = level.file_meta.copy()
+    other.ContentTime = "101010"
+    second = write_instance(other, tmp_path / "b.dcm", "2.25.1234567890123456789012345678902", 2)
+    same_result(reusing, full, second, tmp_path)
+    third = write_instance(level, tmp_path / "c.dcm", "2.25.1234567890123456789012345678903", 3)
+    same_result(reusing, full, third, tmp_path)
+    assert (reusing.memo.hits, reusing.memo.misses) == (1, 2)
+
+
+def test_an_action_that_depends_on_more_than_the_value_is_not_reused(
+    tmp_path: Path, key: SecretKey, level: Dataset
+) -> None:
+    """A profile that replaces Instance Number: the first run's output cannot
+    tell how to treat another number, so every instance takes a full run."""
+    profile = tmp_path / "numbers.yaml"
+    profile.write_text(
+        "name: numbers\nextends: research\nrules:\n"
+        "  - attribute: InstanceNumber\n    action: replace\n    value: '7'\n"
+        "    why: the archive numbers instances itself\n",
+        encoding="utf-8",
+    )
+    reusing, full = engines(key, str(profile))
+    assert reusing.memo is not None
+    for index in range(3):
+        uid = f"2.25.{10**31 + index}"
+        src = write_instance(level, tmp_path / f"in-{index}.dcm", uid, index + 1)
+        report = same_result(reusing, full, src, tmp_path)
+        assert report.outcome is Outcome.PASSED
+        assert dcmread(tmp_path / "reused.dcm").InstanceNumber == 7
+    assert reusing.memo.hits == 0
+
+
+def test_explain_and_a_meta_naming_another_instance_take_a_full_run(
+    tmp_path: Path, key: SecretKey, level: Dataset
+) -> None:
+    reusing, full = engines(key)
+    assert reusing.memo is not None
+    write_instance(level, tmp_path / "a.dcm", "2.25.2234567890123456789012345678901", 1)
+    same_result(reusing, full, tmp_path / "a.dcm", tmp_path)
+    src = write_instance(level, tmp_path / "b.dcm", "2.25.2234567890123456789012345678902", 2)
+    explained = reusing.deidentify_file(src, tmp_path / "explained.dcm", explain=True)
+    assert explained.explain and reusing.memo.hits == 0
+    lying = level.copy()
+    lying.file_meta = level.file_meta.copy()
+    lying.SOPInstanceUID = "2.25.2234567890123456789012345678903"
+    lying.file_meta.MediaStorageSOPInstanceUID = "2.25.2234567890123456789012345678904"
+    lying.InstanceNumber = 3
+    lying.save_as(tmp_path / "c.dcm", enforce_file_format=False)
+    report = same_result(reusing, full, tmp_path / "c.dcm", tmp_path)
+    assert report.outcome is Outcome.QUARANTINED
+    assert reusing.memo.hits == 0
+
+
+def test_reports_of_reused_headers_are_their_own(
+    tmp_path: Path, key: SecretKey, level: Dataset
+) -> None:
+    reusing, _ = engines(key)
+    reports = []
+    for index in range(3):
+        uid = f"2.25.{3 * 10**31 + index}"
+        src = write_instance(level, tmp_path / f"in-{index}.dcm", uid, index + 1)
+        reports.append(reusing.deidentify_file(src, tmp_path / f"out-{index}.dcm"))
+    reports[1].uid_map.clear()
+    reports[1].action_counts.clear()
+    assert reports[2].uid_map and reports[2].action_counts
+    assert len({r.new_sop_instance_uid for r in reports}) == 3
