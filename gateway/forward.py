@@ -606,7 +606,10 @@ class Forwarder:
             )
             seq = self._audit(job, "forwarded", destination=name, delivered_at=datetime.now(UTC))
             state.delivered.append(name)
-            self.spool.save_state(entry_id, state)
+            if not set(route.destinations) <= set(state.delivered):
+                # Recorded so a restart sends to the others only; after the last
+                # one the entry is removed instead (a crash first means a resend).
+                self.spool.save_state(entry_id, state)
             job.log.info(
                 "instance.forwarded",
                 outcome="success",

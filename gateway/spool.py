@@ -265,7 +265,12 @@ class Spool:
         target = self.done / entry_id
         (self.ready / entry_id).rename(target)
         fsync_dir(self.ready)
-        shutil.rmtree(target)
+        try:  # an entry holds files only
+            for child in target.iterdir():
+                child.unlink()
+            target.rmdir()
+        except OSError:
+            shutil.rmtree(target)
 
     def pending(self) -> list[str]:
         return sorted(child.name for child in self.ready.iterdir())
