@@ -34,7 +34,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import AssociationSocket
 from structlog.typing import FilteringBoundLogger
 
-from gateway import metrics
+from gateway import metrics, wakeups
 from gateway.config import Config
 from gateway.deid.stream import check_file
 from gateway.logs import get_logger
@@ -76,6 +76,9 @@ class ReceivedFile:
             dir=incoming, prefix="recv-", delete=delete, mode=mode, suffix=suffix
         )
         self.name = self._file.name
+        # Written through the file object itself: the wrapper's attribute
+        # lookup costs more than the write of a PDU's data.
+        self._raw = self._file.file
         self.error: OSError | None = None
 
     @property
@@ -86,7 +89,7 @@ class ReceivedFile:
     def write(self, data: bytes) -> int:
         if self.error is None:
             try:
-                return self._file.write(data)
+                return self._raw.write(data)
             except OSError as exc:
                 self._fail(exc)
         return len(data)
@@ -94,7 +97,7 @@ class ReceivedFile:
     def flush(self) -> None:
         if self.error is None:
             try:
-                self._file.flush()
+                self._raw.flush()
             except OSError as exc:
                 self._fail(exc)
 
@@ -112,14 +115,16 @@ def configure_pynetdicom() -> None:
     """Process-wide pynetdicom settings of every gateway process.
 
     Data sets are sent from file, pynetdicom logging of identifiers is
-    switched off (they are UIDs from the data), and sockets are read in
-    large steps (:func:`_recv`).
+    switched off (they are UIDs from the data), sockets are read in large
+    steps (:func:`_recv`) and the reactor threads wait for events instead of
+    polling (:mod:`gateway.wakeups`).
     """
     _config.STORE_SEND_CHUNKED_DATASET = True
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     setattr(AssociationSocket, "recv", _recv)  # noqa: B010 - replaces a method of pynetdicom
+    wakeups.install()
 
 
 def configure_receiving(incoming: Path) -> None:
