@@ -23,6 +23,7 @@ from gateway.spool import (
     Spool,
     fsync_dir,
     fsync_file,
+    read_state,
     write_json_atomic,
 )
 
@@ -96,7 +97,7 @@ class Quarantine:
             entry_id=entry_id,
             reason=Reason(**json.loads((directory / REASON).read_text(encoding="utf-8"))),
             info=EntryInfo(**json.loads((directory / ENTRY).read_text(encoding="utf-8"))),
-            state=EntryState(**json.loads((directory / STATE).read_text(encoding="utf-8"))),
+            state=read_state(directory),
             size=(directory / INSTANCE).stat().st_size,
         )
 
@@ -111,7 +112,7 @@ class Quarantine:
         """
         self.get(entry_id)
         directory = self.root / entry_id
-        state = EntryState(**json.loads((directory / STATE).read_text(encoding="utf-8")))
+        state = read_state(directory)
         write_json_atomic(directory / STATE, asdict(EntryState(0, state.delivered, None)))
         (directory / REASON).unlink()
         target = spool.path(entry_id)

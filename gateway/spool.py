@@ -6,7 +6,8 @@ Layout under ``spool_dir``::
     ready/<id>/      one directory per acknowledged instance:
         instance.dcm     the instance as received (Part 10)
         entry.json       how it arrived (caller, SOP class, route); never changes
-        state.json       attempts and destinations already served; replaced atomically
+        state.json       attempts and destinations already served, once there are
+                         any (absent: none); replaced atomically
     done/<id>/       entries being deleted; emptied at start-up
     work/            de-identified output on its way out; emptied at start-up
 
@@ -119,6 +120,13 @@ def write_json_new(path: Path, data: object) -> None:
         os.fsync(fh.fileno())
 
 
+def read_state(entry: Path) -> EntryState:
+    """The state of the entry in directory ``entry``; a new entry has none yet."""
+    with contextlib.suppress(FileNotFoundError):
+        return EntryState(**json.loads((entry / STATE).read_text(encoding="utf-8")))
+    return EntryState()
+
+
 def move_durably(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst`` and fsync the content; copy when across file systems."""
     try:
@@ -229,7 +237,6 @@ class Spool:
             staging.mkdir(mode=0o700)
             move_durably(received, staging / INSTANCE)
             write_json_new(staging / ENTRY, asdict(info))
-            write_json_new(staging / STATE, asdict(EntryState()))
             fsync_dir(staging)
             staging.rename(self.ready / entry_id)
             fsync_dir(self.ready)
@@ -252,10 +259,7 @@ class Spool:
         return EntryInfo(**data)
 
     def state(self, entry_id: str) -> EntryState:
-        path = self.ready / entry_id / STATE
-        with contextlib.suppress(FileNotFoundError):
-            return EntryState(**json.loads(path.read_text(encoding="utf-8")))
-        return EntryState()
+        return read_state(self.ready / entry_id)
 
     def save_state(self, entry_id: str, state: EntryState) -> None:
         write_json_atomic(self.ready / entry_id / STATE, asdict(state))

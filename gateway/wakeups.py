@@ -140,7 +140,7 @@ def _wrap_send_pdu(original: Callable[..., None]) -> Callable[..., None]:
     def send_pdu(self: DULServiceProvider, primitive: Any) -> None:
         original(self, primitive)
         pair = getattr(self, _WAKE, None)
-        if pair is not None:
+        if pair is not None and threading.current_thread() is not self:
             with contextlib.suppress(OSError):  # full (a wake-up is pending) or closed
                 pair[1].send(b"\0")
 
@@ -153,7 +153,7 @@ def _wrap_do_action(original: Callable[..., None]) -> Callable[..., None]:
             original(self, event)
         finally:
             wake = getattr(self.dul.assoc, _WAKE, None)
-            if wake is not None:
+            if wake is not None and not wake.is_set():
                 wake.set()
 
     return do_action
