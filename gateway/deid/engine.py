@@ -26,7 +26,7 @@ from pydicom.tag import BaseTag, Tag
 
 from gateway import __version__
 from gateway.deid import stream
-from gateway.deid.clean import TextCleaner
+from gateway.deid.clean import TextCleaner, coded_vocabulary
 from gateway.deid.dates import DateShifter
 from gateway.deid.dummies import MAX_LENGTH, dummy_value, empty_value
 from gateway.deid.harvest import (
@@ -158,6 +158,7 @@ class Deidentifier:
         self.redactor = redactor or overview_redactor(profile.pixels.ocr)
         self._table = confidentiality_table()
         self._row_actions = {id(row): self._row_action(row) for row in self._table.rows}
+        coded_vocabulary()  # built once per process (about half a second), now and not at the first instance
         #: De-identified headers kept for the next instances of a series
         #: (``reuse_headers=False``: every instance takes a full run).
         self.memo = HeaderMemo() if reuse_headers else None
