@@ -39,7 +39,7 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway import metrics, wakeups
 from gateway.config import Config
-from gateway.deid.stream import check_file
+from gateway.deid.headerkey import CheckedHeaders
 from gateway.logs import get_logger
 from gateway.spool import EntryInfo, Spool, SpoolFullError
 
@@ -397,6 +397,9 @@ class Receiver:
         self.events = events
         #: SOP Classes whose instances must carry pixel data (see check_file).
         self.pixel_classes = pixel_classes
+        #: The structure check, skipping what an earlier instance of a series
+        #: showed to pass.
+        self.checked = CheckedHeaders()
         self.ae = AE(ae_title=config.listen.ae_title)
         self.ae.maximum_associations = config.limits.max_associations
         self.ae.maximum_pdu_size = config.listen.max_pdu
@@ -487,7 +490,7 @@ class Receiver:
                 received.unlink(missing_ok=True)
                 refused("data-set-mismatch", STATUS_DATA_SET_MISMATCH)
                 return STATUS_DATA_SET_MISMATCH
-            if check_file(received, self.pixel_classes) is not None:
+            if self.checked.check(received, self.pixel_classes) is not None:
                 received.unlink(missing_ok=True)
                 refused("malformed-data-set", STATUS_MALFORMED)
                 return STATUS_MALFORMED

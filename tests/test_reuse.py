@@ -9,6 +9,7 @@ identifying value into the shared header.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -44,8 +45,7 @@ def level(synthetic_study: SyntheticStudy) -> Dataset:
 def write_instance(
     template: Dataset, path: Path, uid: str, number: int, comments: str | None = None
 ) -> Path:
-    ds = template.copy()
-    ds.file_meta = template.file_meta.copy()
+    ds = copy.deepcopy(template)  # Dataset.copy() shares the elements
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
     ds.InstanceNumber = number
     if comments is not None:
@@ -124,8 +124,7 @@ def test_a_changed_shared_attribute_is_a_new_header(
     assert reusing.memo is not None
     first = write_instance(level, tmp_path / "a.dcm", "2.25.1234567890123456789012345678901", 1)
     same_result(reusing, full, first, tmp_path)
-    other = level.copy()
-    other.file_meta = level.file_meta.copy()
+    other = copy.deepcopy(level)
     other.ContentTime = "101010"
     second = write_instance(other, tmp_path / "b.dcm", "2.25.1234567890123456789012345678902", 2)
     same_result(reusing, full, second, tmp_path)
@@ -167,8 +166,7 @@ def test_explain_and_a_meta_naming_another_instance_take_a_full_run(
     src = write_instance(level, tmp_path / "b.dcm", "2.25.2234567890123456789012345678902", 2)
     explained = reusing.deidentify_file(src, tmp_path / "explained.dcm", explain=True)
     assert explained.explain and reusing.memo.hits == 0
-    lying = level.copy()
-    lying.file_meta = level.file_meta.copy()
+    lying = copy.deepcopy(level)
     lying.SOPInstanceUID = "2.25.2234567890123456789012345678903"
     lying.file_meta.MediaStorageSOPInstanceUID = "2.25.2234567890123456789012345678904"
     lying.InstanceNumber = 3

@@ -9,11 +9,9 @@ while the pixel data passes through untouched, so the result of the first
 run is kept and the next instances with the same header are rewritten from
 it. Nothing is reused that is not provably what a full run writes:
 
-* The key is a SHA-256 of every byte of the header (preamble, file meta and
-  the data set up to the pixel data) except the values of the per-instance
-  attributes and of the two file meta elements derived from them (the group
-  length and the Media Storage SOP Instance UID). Their tags are in the key,
-  so the set of attributes is the same.
+* The key (:mod:`gateway.deid.headerkey`) covers every byte of the header
+  but the values of the per-instance attributes and of the two file meta
+  elements derived from them.
 * What the engine did to each per-instance attribute is read off the first
   run (kept, replaced through the keyed UID map, or removed); anything else,
   or an empty value, makes the header not reusable.
@@ -32,9 +30,6 @@ the full run.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
-import os
 import struct
 import threading
 from collections import Counter, OrderedDict
@@ -45,18 +40,23 @@ from typing import TYPE_CHECKING
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_data_element, write_file_meta_info
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID
 
 from gateway.deid.harvest import harvest
+from gateway.deid.headerkey import (
+    PER_INSTANCE_TAGS,
+    PREFIX,
+    SOP_INSTANCE_UID,
+    HeaderKey,
+    header_key,
+)
 from gateway.deid.report import DeidReport, Outcome
 from gateway.deid.stream import (
     _PIXEL_TAGS,
     MalformedError,
     _element_end,
     _file_meta,
-    _pixel_extent,
     _write_header_and_pixels,
 )
 from gateway.deid.uids import is_well_known
@@ -64,29 +64,6 @@ from gateway.deid.verify import OutputScanner, scanner_for
 
 if TYPE_CHECKING:
     from gateway.deid.engine import Deidentifier
-
-#: The per-instance attributes: SOP Instance UID, Instance Number, In-concatenation
-#: Number and Concatenation Frame Offset Number.
-PER_INSTANCE_TAGS = frozenset({0x00080018, 0x00200013, 0x00209162, 0x00209228})
-_SOP_INSTANCE_UID = 0x00080018
-_META_GROUP_LENGTH = 0x00020000
-_MEDIA_SOP_INSTANCE_UID = 0x00020003
-_PREFIX = 132  # preamble and "DICM"
-#: Headers are read in steps up to this size; a larger header is not reused.
-MAX_HEADER_BYTES = 8 * 1024 * 1024
-_FIRST_READ = 256 * 1024
-
-
-@dataclass(frozen=True)
-class Probe:
-    """The header of an input, read raw: its key and per-instance values."""
-
-    key: bytes
-    syntax: UID
-    per_instance: Dataset
-    media_sop_instance_uid: bytes
-    pixel_extent: tuple[int, int]
-
 
 @dataclass(frozen=True)
 class _Action:
@@ -121,16 +98,13 @@ class HeaderMemo:
         self.hits = 0
         self.misses = 0
 
-    def probe(self, src: Path) -> Probe | None:
-        """Read the header of ``src`` raw; ``None`` when it cannot be reused
-        (a full run decides what to do with it)."""
-        try:
-            return _probe(src)
-        except Exception:  # deep nesting, bad lengths, unreadable: all for the full run to report
-            return None
+    def probe(self, src: Path) -> HeaderKey | None:
+        """The key of ``src``'s header; ``None`` when it cannot be reused (a
+        full run decides what to do with it)."""
+        return header_key(src)
 
     def rewrite(
-        self, deid: Deidentifier, probe: Probe, src: Path, dst: Path, *, durable: bool = True
+        self, deid: Deidentifier, probe: HeaderKey, src: Path, dst: Path, *, durable: bool = True
     ) -> DeidReport | None:
         """Write ``dst`` from a stored header; ``None`` when there is none for
         this input or it cannot be reused safely (``dst`` is then not written)."""
@@ -149,8 +123,8 @@ class HeaderMemo:
         _write_header_and_pixels(header, src, probe.pixel_extent, dst, durable=durable)
         self.hits += 1
         report = _copy(entry.report)
-        new_uid = values.get(_SOP_INSTANCE_UID)
-        old_uid = str(probe.per_instance[_SOP_INSTANCE_UID].value)
+        new_uid = values.get(SOP_INSTANCE_UID)
+        old_uid = str(probe.per_instance[SOP_INSTANCE_UID].value)
         report.new_sop_instance_uid = str(new_uid.value) if new_uid is not None else None
         if new_uid is not None and str(new_uid.value) != old_uid:
             report.uid_map[old_uid] = str(new_uid.value)
@@ -159,7 +133,7 @@ class HeaderMemo:
     def learn(
         self,
         deid: Deidentifier,
-        probe: Probe,
+        probe: HeaderKey,
         output: Dataset,
         report: DeidReport,
         dst: Path,
@@ -169,11 +143,11 @@ class HeaderMemo:
         if report.outcome is not Outcome.PASSED or report.output_scanner is None:
             return
         actions = _actions(deid, probe.per_instance, output)
-        if actions is None or _SOP_INSTANCE_UID not in actions or actions[_SOP_INSTANCE_UID].kind == "remove":
+        if actions is None or SOP_INSTANCE_UID not in actions or actions[SOP_INSTANCE_UID].kind == "remove":
             return
         with dst.open("rb") as fh:
             data = fh.read(header_length)
-        if len(data) != header_length or data[128:_PREFIX] != b"DICM":
+        if len(data) != header_length or data[128:PREFIX] != b"DICM":
             return
         try:
             dataset_start = _meta_end(data)
@@ -192,7 +166,7 @@ class HeaderMemo:
             if new is not None and new.encode("ascii") not in rest:
                 del stored.uid_map[old]
         entry = _Entry(
-            prefix=data[:_PREFIX],
+            prefix=data[:PREFIX],
             elements=tuple(elements),
             actions=actions,
             sop_class_uid=str(output.SOPClassUID),
@@ -208,84 +182,6 @@ class HeaderMemo:
             self._entries.move_to_end(probe.key)
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
-
-
-def _probe(src: Path) -> Probe | None:
-    with src.open("rb") as fp:
-        size = os.fstat(fp.fileno()).st_size
-        want = min(size, _FIRST_READ)
-        while True:
-            fp.seek(0)
-            data = fp.read(want)
-            parsed = _parse(data, complete=want == size)
-            if parsed is not None or want >= min(size, MAX_HEADER_BYTES):
-                break
-            want = min(size, want * 8, MAX_HEADER_BYTES)
-        if parsed is None:
-            return None
-        digest, syntax, per_instance_raw, media_uid, pixel_start = parsed
-        if pixel_start >= size:
-            return None
-        pixel_end, pixel_tag = _pixel_extent(fp, pixel_start, size, syntax)
-    if pixel_tag is None or pixel_end != size:
-        return None
-    digest.update(struct.pack("<L", pixel_tag))
-    per_instance = read_dataset(io.BytesIO(per_instance_raw), syntax.is_implicit_VR, True)
-    for elem in per_instance:  # decoded now: a value that does not decode is for the full run
-        if elem.VR == "SQ" or not elem.value:
-            return None
-    if _SOP_INSTANCE_UID not in per_instance:
-        return None
-    return Probe(digest.digest(), syntax, per_instance, media_uid, (pixel_start, pixel_end))
-
-
-def _parse(
-    data: bytes, *, complete: bool
-) -> tuple[hashlib._Hash, UID, bytes, bytes, int] | None:
-    """Key the header in ``data``; ``None`` when ``data`` ends before the pixel
-    data (read more) or the header is not one this memo handles."""
-    if len(data) < _PREFIX or data[128:_PREFIX] != b"DICM":
-        return None
-    digest = hashlib.sha256(data[:_PREFIX])
-    offset, syntax, media_uid = _PREFIX, None, b""
-    while len(data) - offset >= 8 and struct.unpack_from("<H", data, offset)[0] == 0x0002:
-        end = _element_end(data, offset, implicit=False, little=True)
-        group, element = struct.unpack_from("<HH", data, offset)
-        tag = (group << 16) | element
-        value = data[offset + 8 : end]
-        if tag == 0x00020010:
-            syntax = UID(value.rstrip(b"\0 ").decode("ascii"))
-        if tag == _MEDIA_SOP_INSTANCE_UID:
-            media_uid = value
-        elif tag != _META_GROUP_LENGTH:
-            digest.update(data[offset:end])
-        offset = end
-    if syntax is None or not syntax.is_transfer_syntax or not syntax.is_little_endian:
-        return None
-    if syntax == DeflatedExplicitVRLittleEndian:
-        return None
-    digest.update(b"\0dataset\0")
-    per_instance = bytearray()
-    while offset < len(data):
-        if len(data) - offset < 8:
-            return None
-        group, element = struct.unpack_from("<HH", data, offset)
-        tag = (group << 16) | element
-        if tag in _PIXEL_TAGS:
-            return digest, syntax, bytes(per_instance), media_uid, offset
-        try:
-            end = _element_end(data, offset, syntax.is_implicit_VR, True)
-        except MalformedError:
-            if complete:
-                raise
-            return None  # cut short by the read, or malformed: the caller reads more or gives up
-        if tag in PER_INSTANCE_TAGS:
-            digest.update(struct.pack("<L", tag))
-            per_instance += data[offset:end]
-        else:
-            digest.update(data[offset:end])
-        offset = end
-    return None
 
 
 def _actions(deid: Deidentifier, inputs: Dataset, output: Dataset) -> dict[int, _Action] | None:
@@ -317,14 +213,14 @@ def _actions(deid: Deidentifier, inputs: Dataset, output: Dataset) -> dict[int, 
     return actions
 
 
-def _new_values(deid: Deidentifier, entry: _Entry, probe: Probe) -> dict[int, DataElement] | None:
+def _new_values(deid: Deidentifier, entry: _Entry, probe: HeaderKey) -> dict[int, DataElement] | None:
     """The output's per-instance elements for ``probe``, or ``None`` when
     reusing the stored header could let an identifying value through."""
     inputs = probe.per_instance
     if set(entry.actions) != {int(tag) for tag in inputs.keys()}:
         return None
-    uid = inputs[_SOP_INSTANCE_UID].value
-    if probe.media_sop_instance_uid.rstrip(b"\0 ").decode("ascii", "replace") != str(uid):
+    uid = inputs[SOP_INSTANCE_UID].value
+    if probe.media_sop_instance_uid[8:].rstrip(b"\0 ").decode("ascii", "replace") != str(uid):
         return None  # the full run refuses a file meta that names another instance
     carried = harvest(inputs)
     for value in carried.text_values() | carried.uids:
@@ -358,7 +254,7 @@ def _assemble(entry: _Entry, values: dict[int, DataElement], syntax: UID) -> byt
     out.write(entry.prefix)
     named = Dataset()
     named.SOPClassUID = entry.sop_class_uid
-    named.SOPInstanceUID = values[_SOP_INSTANCE_UID].value
+    named.SOPInstanceUID = values[SOP_INSTANCE_UID].value
     write_file_meta_info(out, _file_meta(named, syntax), enforce_standard=True)
     out.is_implicit_VR = syntax.is_implicit_VR
     pending = sorted(values.items())
@@ -389,7 +285,7 @@ def _copy(report: DeidReport) -> DeidReport:
 
 
 def _meta_end(data: bytes) -> int:
-    offset = _PREFIX
+    offset = PREFIX
     while len(data) - offset >= 8 and struct.unpack_from("<H", data, offset)[0] == 0x0002:
         offset = _element_end(data, offset, implicit=False, little=True)
     return offset
@@ -407,4 +303,4 @@ def _split(data: bytes, start: int, syntax: UID) -> list[tuple[int, bytes]]:
     return elements
 
 
-__all__ = ["PER_INSTANCE_TAGS", "HeaderMemo", "Probe"]
+__all__ = ["HeaderMemo"]
