@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from gateway.deid import SecretKey
 from gateway.synthetic import PlantedPHI, SyntheticStudy, write_study
@@ -50,3 +52,17 @@ def synthetic_study(tmp_path_factory: pytest.TempPathFactory, synthetic_phi: Pla
 def planted_tokens(synthetic_study: SyntheticStudy, synthetic_phi: PlantedPHI) -> list[str]:
     """Every planted value of the shared study, UIDs included (listed after writing)."""
     return synthetic_phi.all_tokens()
+
+
+@pytest.fixture(scope="session")
+def volume_level(synthetic_study: SyntheticStudy) -> Dataset:
+    """A VOLUME level of the shared study's second slide, with its pixel data.
+
+    Shared: copy it (``copy.deepcopy``; ``Dataset.copy()`` shares the
+    elements) before changing anything.
+    """
+    for path in synthetic_study.slides[1]:
+        ds = dcmread(path)
+        if "VOLUME" in ds.ImageType and "PixelData" in ds:
+            return ds
+    raise AssertionError("the synthetic slide has no VOLUME level")

@@ -19,19 +19,11 @@ from pydicom.dataset import Dataset
 
 from gateway.deid.headerkey import CheckedHeaders, header_key
 from gateway.deid.stream import check_file
-from gateway.synthetic import SyntheticStudy
 
 UIDS = st.integers(min_value=1, max_value=2**128 - 1).map(lambda n: f"2.25.{n}")
 NUMBERS = st.integers(min_value=1, max_value=2**31 - 1)
 
 
-@pytest.fixture(scope="module")
-def level(synthetic_study: SyntheticStudy) -> Dataset:
-    for path in synthetic_study.slides[1]:
-        ds = dcmread(path)
-        if "VOLUME" in ds.ImageType and "PixelData" in ds:
-            return ds
-    raise AssertionError("the synthetic slide has no VOLUME level")
 
 
 def write(template: Dataset, path: Path, uid: str, number: int, **changes: str) -> Path:
@@ -47,11 +39,11 @@ def write(template: Dataset, path: Path, uid: str, number: int, **changes: str) 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(a=st.tuples(UIDS, NUMBERS), b=st.tuples(UIDS, NUMBERS))
 def test_one_series_has_one_key_and_any_other_change_another(
-    tmp_path: Path, level: Dataset, a: tuple[str, int], b: tuple[str, int]
+    tmp_path: Path, volume_level: Dataset, a: tuple[str, int], b: tuple[str, int]
 ) -> None:
-    first = header_key(write(level, tmp_path / "a.dcm", *a))
-    second = header_key(write(level, tmp_path / "b.dcm", *b))
-    other = header_key(write(level, tmp_path / "c.dcm", *b, ContentTime="101010"))
+    first = header_key(write(volume_level, tmp_path / "a.dcm", *a))
+    second = header_key(write(volume_level, tmp_path / "b.dcm", *b))
+    other = header_key(write(volume_level, tmp_path / "c.dcm", *b, ContentTime="101010"))
     assert first is not None and second is not None and other is not None
     assert first.key == second.key != other.key
     assert str(second.per_instance.SOPInstanceUID) == b[0]
@@ -104,17 +96,17 @@ BAD = {
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_a_known_header_does_not_let_a_broken_instance_through(
-    tmp_path: Path, level: Dataset, case: str
+    tmp_path: Path, volume_level: Dataset, case: str
 ) -> None:
     """Each broken instance gets the full check's verdict, not the known header's."""
     checked = CheckedHeaders()
-    good = write(level, tmp_path / "good.dcm", "2.25.1234", 1)
+    good = write(volume_level, tmp_path / "good.dcm", "2.25.1234", 1)
     assert checked.check(good) is None
-    again = write(level, tmp_path / "again.dcm", "2.25.5678", 2)
+    again = write(volume_level, tmp_path / "again.dcm", "2.25.5678", 2)
     assert checked.check(again) is None
     assert (checked.hits, checked.misses) == (1, 1)
     change, refused = BAD[case]
-    bad = change(write(level, tmp_path / "bad.dcm", "2.25.9012", 3))
+    bad = change(write(volume_level, tmp_path / "bad.dcm", "2.25.9012", 3))
     full = check_file(bad)
     assert (full is not None) == refused
     assert checked.check(bad) == full

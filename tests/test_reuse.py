@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import dcmread
@@ -20,7 +19,6 @@ from pydicom.dataset import Dataset
 
 from gateway.deid import Deidentifier, Outcome, SecretKey, load_profile
 from gateway.deid.report import DeidReport
-from gateway.synthetic import SyntheticStudy
 
 #: Long random UIDs under 2.25: no one is a part of another, or of the header.
 UIDS = st.integers(min_value=10**30, max_value=2**128 - 1).map(lambda n: f"2.25.{n}")
@@ -32,14 +30,6 @@ SETTINGS = settings(
 )
 
 
-@pytest.fixture(scope="module")
-def level(synthetic_study: SyntheticStudy) -> Dataset:
-    """A VOLUME level of the shared synthetic slide, with its pixel data."""
-    for path in synthetic_study.slides[1]:
-        ds = dcmread(path)
-        if "VOLUME" in ds.ImageType and "PixelData" in ds:
-            return ds
-    raise AssertionError("the synthetic slide has no VOLUME level")
 
 
 def write_instance(
@@ -80,12 +70,12 @@ def engines(key: SecretKey, profile: str = "research") -> tuple[Deidentifier, De
 @SETTINGS
 @given(instances=st.lists(st.tuples(UIDS, NUMBERS), min_size=2, max_size=5, unique_by=lambda t: t[0]))
 def test_a_reused_header_is_what_a_full_run_writes(
-    tmp_path: Path, key: SecretKey, level: Dataset, instances: list[tuple[str, int]]
+    tmp_path: Path, key: SecretKey, volume_level: Dataset, instances: list[tuple[str, int]]
 ) -> None:
     reusing, full = engines(key)
     assert reusing.memo is not None
     for index, (uid, number) in enumerate(instances):
-        src = write_instance(level, tmp_path / f"in-{index}.dcm", uid, number)
+        src = write_instance(volume_level, tmp_path / f"in-{index}.dcm", uid, number)
         report = same_result(reusing, full, src, tmp_path)
         assert report.outcome is Outcome.PASSED
         assert uid.encode() not in (tmp_path / "reused.dcm").read_bytes()
@@ -95,7 +85,7 @@ def test_a_reused_header_is_what_a_full_run_writes(
 @SETTINGS
 @given(uids=st.lists(UIDS, min_size=3, max_size=3, unique=True), number=NUMBERS)
 def test_an_instance_whose_uid_the_shared_header_names_takes_a_full_run(
-    tmp_path: Path, key: SecretKey, level: Dataset, uids: list[str], number: int
+    tmp_path: Path, key: SecretKey, volume_level: Dataset, uids: list[str], number: int
 ) -> None:
     """A profile keeps Image Comments as they are, and they name the later
     instances' UIDs: harmless text for the first instance, an identifying
@@ -111,30 +101,30 @@ def test_an_instance_whose_uid_the_shared_header_names_takes_a_full_run(
     comments = f"see {uids[1]} and {uids[2]}"
     outcomes = []
     for index, uid in enumerate(uids):
-        src = write_instance(level, tmp_path / f"in-{index}.dcm", uid, number + index, comments)
+        src = write_instance(volume_level, tmp_path / f"in-{index}.dcm", uid, number + index, comments)
         outcomes.append(same_result(reusing, full, src, tmp_path).outcome)
     assert outcomes == [Outcome.PASSED, Outcome.QUARANTINED, Outcome.QUARANTINED]
     assert reusing.memo.hits == 0
 
 
 def test_a_changed_shared_attribute_is_a_new_header(
-    tmp_path: Path, key: SecretKey, level: Dataset
+    tmp_path: Path, key: SecretKey, volume_level: Dataset
 ) -> None:
     reusing, full = engines(key)
     assert reusing.memo is not None
-    first = write_instance(level, tmp_path / "a.dcm", "2.25.1234567890123456789012345678901", 1)
+    first = write_instance(volume_level, tmp_path / "a.dcm", "2.25.1234567890123456789012345678901", 1)
     same_result(reusing, full, first, tmp_path)
-    other = copy.deepcopy(level)
+    other = copy.deepcopy(volume_level)
     other.ContentTime = "101010"
     second = write_instance(other, tmp_path / "b.dcm", "2.25.1234567890123456789012345678902", 2)
     same_result(reusing, full, second, tmp_path)
-    third = write_instance(level, tmp_path / "c.dcm", "2.25.1234567890123456789012345678903", 3)
+    third = write_instance(volume_level, tmp_path / "c.dcm", "2.25.1234567890123456789012345678903", 3)
     same_result(reusing, full, third, tmp_path)
     assert (reusing.memo.hits, reusing.memo.misses) == (1, 2)
 
 
 def test_an_action_that_depends_on_more_than_the_value_is_not_reused(
-    tmp_path: Path, key: SecretKey, level: Dataset
+    tmp_path: Path, key: SecretKey, volume_level: Dataset
 ) -> None:
     """A profile that replaces Instance Number: the first run's output cannot
     tell how to treat another number, so every instance takes a full run."""
@@ -149,7 +139,7 @@ def test_an_action_that_depends_on_more_than_the_value_is_not_reused(
     assert reusing.memo is not None
     for index in range(3):
         uid = f"2.25.{10**31 + index}"
-        src = write_instance(level, tmp_path / f"in-{index}.dcm", uid, index + 1)
+        src = write_instance(volume_level, tmp_path / f"in-{index}.dcm", uid, index + 1)
         report = same_result(reusing, full, src, tmp_path)
         assert report.outcome is Outcome.PASSED
         assert dcmread(tmp_path / "reused.dcm").InstanceNumber == 7
@@ -157,16 +147,16 @@ def test_an_action_that_depends_on_more_than_the_value_is_not_reused(
 
 
 def test_explain_and_a_meta_naming_another_instance_take_a_full_run(
-    tmp_path: Path, key: SecretKey, level: Dataset
+    tmp_path: Path, key: SecretKey, volume_level: Dataset
 ) -> None:
     reusing, full = engines(key)
     assert reusing.memo is not None
-    write_instance(level, tmp_path / "a.dcm", "2.25.2234567890123456789012345678901", 1)
+    write_instance(volume_level, tmp_path / "a.dcm", "2.25.2234567890123456789012345678901", 1)
     same_result(reusing, full, tmp_path / "a.dcm", tmp_path)
-    src = write_instance(level, tmp_path / "b.dcm", "2.25.2234567890123456789012345678902", 2)
+    src = write_instance(volume_level, tmp_path / "b.dcm", "2.25.2234567890123456789012345678902", 2)
     explained = reusing.deidentify_file(src, tmp_path / "explained.dcm", explain=True)
     assert explained.explain and reusing.memo.hits == 0
-    lying = copy.deepcopy(level)
+    lying = copy.deepcopy(volume_level)
     lying.SOPInstanceUID = "2.25.2234567890123456789012345678903"
     lying.file_meta.MediaStorageSOPInstanceUID = "2.25.2234567890123456789012345678904"
     lying.InstanceNumber = 3
@@ -177,13 +167,13 @@ def test_explain_and_a_meta_naming_another_instance_take_a_full_run(
 
 
 def test_reports_of_reused_headers_are_their_own(
-    tmp_path: Path, key: SecretKey, level: Dataset
+    tmp_path: Path, key: SecretKey, volume_level: Dataset
 ) -> None:
     reusing, _ = engines(key)
     reports = []
     for index in range(3):
         uid = f"2.25.{3 * 10**31 + index}"
-        src = write_instance(level, tmp_path / f"in-{index}.dcm", uid, index + 1)
+        src = write_instance(volume_level, tmp_path / f"in-{index}.dcm", uid, index + 1)
         reports.append(reusing.deidentify_file(src, tmp_path / f"out-{index}.dcm"))
     reports[1].uid_map.clear()
     reports[1].action_counts.clear()
