@@ -20,8 +20,9 @@ Here both sleeps become waits that end as soon as there is something to do:
 
 The waits still end after :data:`IDLE_WAIT` seconds, so what nothing signals
 (timers, a killed thread, a socket closed by another thread) is seen as
-before, only up to that much later. :func:`install` patches pynetdicom's
-classes and modules once per process.
+before, only up to that much later. The wake-up socket pair is closed when
+the DUL thread ends. :func:`install` patches pynetdicom's classes and modules
+once per process.
 """
 
 from __future__ import annotations
@@ -136,6 +137,18 @@ def _close(pair: tuple[socket.socket, socket.socket]) -> None:
         end.close()
 
 
+def _wrap_run_reactor(original: Callable[..., None]) -> Callable[..., None]:
+    def run_reactor(self: DULServiceProvider) -> None:
+        try:
+            original(self)
+        finally:  # the thread is done with its wake-up socket: close it now, not at collection
+            pair = getattr(self, _WAKE, None)
+            if pair is not None:
+                _close(pair)
+
+    return run_reactor
+
+
 def _wrap_send_pdu(original: Callable[..., None]) -> Callable[..., None]:
     def send_pdu(self: DULServiceProvider, primitive: Any) -> None:
         original(self, primitive)
@@ -171,6 +184,9 @@ def install() -> None:
             return
         Association.__init__ = _wrap_init(Association.__init__)  # type: ignore[method-assign]
         DULServiceProvider.send_pdu = _wrap_send_pdu(DULServiceProvider.send_pdu)  # type: ignore[method-assign]
+        DULServiceProvider.run_reactor = _wrap_run_reactor(  # type: ignore[method-assign]
+            DULServiceProvider.run_reactor
+        )
         StateMachine.do_action = _wrap_do_action(StateMachine.do_action)  # type: ignore[method-assign]
         _set_clock(association, _association_wait)
         _set_clock(dul, _dul_wait)
