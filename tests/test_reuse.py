@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 
 from gateway.deid import Deidentifier, Outcome, SecretKey, load_profile
 from gateway.deid.report import DeidReport
+from gateway.deid.reuse import HeaderMemo
 
 #: Long random UIDs under 2.25: no one is a part of another, or of the header.
 UIDS = st.integers(min_value=10**30, max_value=2**128 - 1).map(lambda n: f"2.25.{n}")
@@ -179,3 +180,32 @@ def test_reports_of_reused_headers_are_their_own(
     reports[1].action_counts.clear()
     assert reports[2].uid_map and reports[2].action_counts
     assert len({r.new_sop_instance_uid for r in reports}) == 3
+
+
+def test_the_memo_keeps_within_its_byte_budget(
+    tmp_path: Path, key: SecretKey, volume_level: Dataset
+) -> None:
+    reusing, full = engines(key)
+    reusing.memo = HeaderMemo(max_bytes=1024)  # a quarter of it holds no header
+    for index in range(3):
+        src = write_instance(volume_level, tmp_path / f"in-{index}.dcm", f"2.25.{5 * 10**31 + index}", 1)
+        same_result(reusing, full, src, tmp_path)
+    assert (reusing.memo.hits, reusing.memo.held_bytes) == (0, 0)
+    reusing.memo = memo = HeaderMemo()
+    same_result(reusing, full, tmp_path / "in-0.dcm", tmp_path)
+    one = memo.held_bytes
+    assert one > 0
+    reusing.memo = memo = HeaderMemo(max_bytes=4 * one + 1)
+    for index in range(6):  # six series, room for four headers
+        changed = copy.deepcopy(volume_level)
+        changed.ContentTime = f"1010{index:02d}"
+        src = write_instance(changed, tmp_path / f"series-{index}.dcm", f"2.25.{6 * 10**31 + index}", 1)
+        same_result(reusing, full, src, tmp_path)
+        assert memo.held_bytes <= memo.max_bytes
+    assert (memo.held_bytes, memo.hits) == (4 * one, 0)
+    for index, hits in ((5, 1), (0, 1)):  # the last series is kept, the first was evicted
+        changed = copy.deepcopy(volume_level)
+        changed.ContentTime = f"1010{index:02d}"
+        src = write_instance(changed, tmp_path / f"next-{index}.dcm", f"2.25.{7 * 10**31 + index}", 2)
+        same_result(reusing, full, src, tmp_path)
+        assert memo.hits == hits

@@ -81,22 +81,36 @@ class _Entry:
     report: DeidReport
     scanner: OutputScanner
 
+    @property
+    def size(self) -> int:
+        """Bytes held, about: the header's elements and its lower-case copy."""
+        return 2 * len(self.haystack)
+
 
 class HeaderMemo:
-    """The de-identified headers of the last ``capacity`` distinct inputs.
+    """The de-identified headers of the last ``capacity`` distinct inputs,
+    holding at most ``max_bytes`` of them (a header larger than a quarter of
+    that is not kept).
 
     Thread-safe; one per :class:`~gateway.deid.engine.Deidentifier` (the
     stored output depends on its profile and key).
     """
 
-    def __init__(self, capacity: int = 64) -> None:
+    def __init__(self, capacity: int = 64, max_bytes: int = 32 * 1024 * 1024) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
         self._lock = threading.Lock()
         #: Instances written from a stored header, and instances probed that
         #: took a full run (no stored header, or one that could not be reused).
         self.hits = 0
         self.misses = 0
+
+    @property
+    def held_bytes(self) -> int:
+        """About how many bytes the kept headers take."""
+        return self._bytes
 
     def probe(self, src: Path) -> HeaderKey | None:
         """The key of ``src``'s header; ``None`` when it cannot be reused (a
@@ -177,11 +191,16 @@ class HeaderMemo:
         values = {tag: output[tag] for tag, action in actions.items() if action.kind != "remove"}
         if _assemble(entry, values, probe.syntax) != data:
             return
+        if entry.size > self.max_bytes // 4:
+            return
         with self._lock:
+            replaced = self._entries.pop(probe.key, None)
+            self._bytes -= replaced.size if replaced is not None else 0
             self._entries[probe.key] = entry
-            self._entries.move_to_end(probe.key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            self._bytes += entry.size
+            while len(self._entries) > self.capacity or self._bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.size
 
 
 def _actions(deid: Deidentifier, inputs: Dataset, output: Dataset) -> dict[int, _Action] | None:
