@@ -118,7 +118,13 @@ def _header_key(src: Path) -> HeaderKey | None:
     if SOP_INSTANCE_UID not in per_instance:
         return None
     return HeaderKey(
-        digest.digest(), syntax, per_instance, raw, group_length, media_uid, meta_end,
+        digest.digest(),
+        syntax,
+        per_instance,
+        raw,
+        group_length,
+        media_uid,
+        meta_end,
         (pixel_start, pixel_end),
     )
 

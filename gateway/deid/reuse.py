@@ -65,6 +65,7 @@ from gateway.deid.verify import OutputScanner, scanner_for
 if TYPE_CHECKING:
     from gateway.deid.engine import Deidentifier
 
+
 @dataclass(frozen=True)
 class _Action:
     kind: str  # "keep", "remap" or "remove"
