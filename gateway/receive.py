@@ -194,15 +194,38 @@ def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
 
     pynetdicom reads a PDU 4096 bytes at a time and appends each piece to a
     growing bytearray; for a 4 MiB PDU that is a thousand calls and copies.
-    This reads straight into one buffer of the PDU's size, up to
-    :data:`RECV_CHUNK` per call. As in pynetdicom, a closed connection returns
-    what was read so far.
+    This reads into one buffer, up to :data:`RECV_CHUNK` per call (see
+    :func:`_read_into`). As in pynetdicom, a closed connection returns what
+    was read so far.
     """
-    buffer = bytearray(nr_bytes)
-    with memoryview(buffer) as view:
-        nr_read = _recv_into(cast(socket.socket, self.socket), view)
+    buffer = bytearray(min(nr_bytes, PDU_ALLOCATION_STEP))
+    nr_read = _read_into(cast(socket.socket, self.socket), buffer, 0, nr_bytes)
     del buffer[nr_read:]
     return buffer
+
+
+#: How much of a PDU is allocated before its bytes arrive. A peer declares a
+#: PDU's length before anything is agreed (up to 4 GiB): the buffer starts at
+#: most this large and grows only with what is received.
+PDU_ALLOCATION_STEP = 16 * 1024 * 1024
+
+
+def _read_into(
+    sock: socket.socket, buffer: bytearray, start: int, count: int, step: int = PDU_ALLOCATION_STEP
+) -> int:
+    """Read ``count`` bytes from ``sock`` into ``buffer`` from offset ``start``,
+    enlarging it (by what already arrived, at least ``step``) whenever it is
+    full; return how many were read (fewer when the connection closed)."""
+    received = 0
+    while received < count:
+        if len(buffer) == start + received:
+            buffer.extend(bytes(min(count - received, max(received, step))))
+        with memoryview(buffer) as view:
+            got = _recv_into(sock, view[start + received :])
+        received += got
+        if start + received < len(buffer):  # the connection closed
+            break
+    return received
 
 
 def _recv_into(sock: socket.socket, view: memoryview) -> int:
@@ -227,7 +250,8 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
 
     pynetdicom reads the 6-byte PDU header, then the PDU's data, and appends
     the data to the header: a second copy of every byte received. Here the
-    data is read into a buffer that already holds the header. Events and
+    data is read into a buffer that already holds the header, allocated as
+    the data arrives beyond :data:`PDU_ALLOCATION_STEP`. Events and
     errors are pynetdicom's: Evt17 when the connection closes early, Evt19
     for an unknown or undecodable PDU.
     """
@@ -247,11 +271,10 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
         _DUL_LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
         self.event_queue.put("Evt19")
         return
-    bytestream = bytearray(6 + pdu_length)
+    bytestream = bytearray(6 + min(pdu_length, PDU_ALLOCATION_STEP))
     bytestream[:6] = header
     try:
-        with memoryview(bytestream) as view:
-            received = _recv_into(cast(socket.socket, transport.socket), view[6:])
+        received = _read_into(cast(socket.socket, transport.socket), bytestream, 6, pdu_length)
     except (OSError, TimeoutError) as exc:
         _DUL_LOGGER.error("Connection closed before the entire PDU was received")
         _DUL_LOGGER.exception(exc)

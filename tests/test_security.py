@@ -11,8 +11,11 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import socket
 import stat
+import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +102,29 @@ def test_unknown_ae_titles_and_addresses_are_rejected_before_negotiation(allowli
     assert rejections("calling-ae-not-allowed") - before["calling-ae-not-allowed"] == 2
     assert list(allowlist_node.spool.incoming.iterdir()) == []
     assert allowlist_node.idle()
+
+
+def _peak_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.integration
+def test_a_declared_pdu_length_costs_no_memory_until_its_bytes_arrive(allowlist_node: Node) -> None:
+    """Anyone who can connect may declare a 2 GiB PDU before any check; the
+    receiving process allocates as the bytes come, and keeps serving."""
+    assert allowlist_node.address is not None and allowlist_node.receiver is not None
+    pid = allowlist_node.receiver.pid
+    assert pid is not None
+    before = _peak_kib(pid)
+    with socket.create_connection(("127.0.0.1", allowlist_node.address[1])) as sock:
+        sock.sendall(struct.pack(">BBL", 0x01, 0, 2**31) + b"\0" * 1000)
+        time.sleep(1)
+        assert _peak_kib(pid) - before < 64 * 1024
+    assert associate(allowlist_node.address[1], "SCANNER") == (True, False)
+    assert allowlist_node.receiver.pid == pid
 
 
 # ----------------------------------------------------------------- certificates
