@@ -68,6 +68,13 @@ def engines(key: SecretKey, profile: str = "research") -> tuple[Deidentifier, De
     return Deidentifier(loaded, key), Deidentifier(loaded, key, reuse_headers=False)
 
 
+def engines_with_rule(tmp_path: Path, key: SecretKey, rule: str) -> tuple[Deidentifier, Deidentifier]:
+    """:func:`engines` for the research profile with one more rule (YAML under ``rules:``)."""
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(f"name: custom\nextends: research\nrules:\n{rule}", encoding="utf-8")
+    return engines(key, str(profile))
+
+
 @SETTINGS
 @given(instances=st.lists(st.tuples(UIDS, NUMBERS), min_size=2, max_size=5, unique_by=lambda t: t[0]))
 def test_a_reused_header_is_what_a_full_run_writes(
@@ -91,13 +98,9 @@ def test_an_instance_whose_uid_the_shared_header_names_takes_a_full_run(
     """A profile keeps Image Comments as they are, and they name the later
     instances' UIDs: harmless text for the first instance, an identifying
     value for each of those instances, which the full run quarantines."""
-    profile = tmp_path / "comments.yaml"
-    profile.write_text(
-        "name: comments\nextends: research\nrules:\n"
-        "  - attribute: ImageComments\n    action: K\n    why: a test of the output scan\n",
-        encoding="utf-8",
+    reusing, full = engines_with_rule(
+        tmp_path, key, "  - attribute: ImageComments\n    action: K\n    why: a test of the output scan\n"
     )
-    reusing, full = engines(key, str(profile))
     assert reusing.memo is not None
     comments = f"see {uids[1]} and {uids[2]}"
     outcomes = []
@@ -129,14 +132,12 @@ def test_an_action_that_depends_on_more_than_the_value_is_not_reused(
 ) -> None:
     """A profile that replaces Instance Number: the first run's output cannot
     tell how to treat another number, so every instance takes a full run."""
-    profile = tmp_path / "numbers.yaml"
-    profile.write_text(
-        "name: numbers\nextends: research\nrules:\n"
+    reusing, full = engines_with_rule(
+        tmp_path,
+        key,
         "  - attribute: InstanceNumber\n    action: replace\n    value: '7'\n"
         "    why: the archive numbers instances itself\n",
-        encoding="utf-8",
     )
-    reusing, full = engines(key, str(profile))
     assert reusing.memo is not None
     for index in range(3):
         uid = f"2.25.{10**31 + index}"
