@@ -57,6 +57,7 @@ from gateway.deid.stream import (
     MalformedError,
     _element_end,
     _file_meta,
+    _file_meta_end,
     _write_header_and_pixels,
 )
 from gateway.deid.uids import is_well_known
@@ -165,7 +166,7 @@ class HeaderMemo:
         if len(data) != header_length or data[128:PREFIX] != b"DICM":
             return
         try:
-            dataset_start = _meta_end(data)
+            dataset_start = _file_meta_end(data, PREFIX)
             elements = _split(data, dataset_start, probe.syntax)
         except (MalformedError, struct.error):
             return
@@ -302,13 +303,6 @@ def _copy(report: DeidReport) -> DeidReport:
         explain=[],
         output_scanner=None,
     )
-
-
-def _meta_end(data: bytes) -> int:
-    offset = PREFIX
-    while len(data) - offset >= 8 and struct.unpack_from("<H", data, offset)[0] == 0x0002:
-        offset = _element_end(data, offset, implicit=False, little=True)
-    return offset
 
 
 def _split(data: bytes, start: int, syntax: UID) -> list[tuple[int, bytes]]:

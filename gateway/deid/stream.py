@@ -231,10 +231,14 @@ def _skip_file_meta(fp: BinaryIO) -> int:
     start = 132 if head[128:132] == b"DICM" else 0
     fp.seek(start)
     data = fp.read(64 * 1024)  # the file meta is small
-    offset = 0
+    return start + _file_meta_end(data, 0)
+
+
+def _file_meta_end(data: bytes, offset: int) -> int:
+    """Where the group 0002 elements starting at ``offset`` in ``data`` end."""
     while len(data) - offset >= 8 and struct.unpack_from("<H", data, offset)[0] == 0x0002:
         offset = _element_end(data, offset, implicit=False, little=True)
-    return int(start + offset)
+    return int(offset)
 
 
 def _check_complete(fp: BinaryIO, start: int, end: int, syntax: UID) -> None:
