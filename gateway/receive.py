@@ -96,7 +96,7 @@ class ReceivedFile:
         """pynetdicom flushes through ``.file``, as on a NamedTemporaryFile."""
         return self
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         if self.error is None:
             try:
                 count = self._raw.write(data)
@@ -163,6 +163,9 @@ def configure_pynetdicom() -> None:
     _config.STORE_SEND_CHUNKED_DATASET = True
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
+    # pynetdicom's "standard" handlers format a debug line for every PDU and
+    # message, at a cost even when nothing is logged.
+    _config.LOG_HANDLER_LEVEL = "none"
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     setattr(AssociationSocket, "recv", _recv)  # noqa: B010 - replaces a method of pynetdicom
     setattr(DULServiceProvider, "_read_pdu_data", _read_pdu_data)  # noqa: B010 - as above
@@ -287,6 +290,8 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
         )
         self.event_queue.put("Evt17")
         return
+    if pdu_type == _P_DATA_TF and _write_data_fragments(self, bytestream):
+        return
     try:
         pdu, event = self._decode_pdu(bytestream)
         self.event_queue.put(event)
@@ -296,6 +301,54 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
         self.event_queue.put("Evt19")
         return
     self._recv_pdu.put(pdu)
+
+
+_P_DATA_TF = 0x04
+#: A presentation data value item's header: item length, context ID, message control header.
+_PDV_HEADER = struct.Struct(">LBB")
+
+
+def _write_data_fragments(dul: DULServiceProvider, pdu: bytearray) -> bool:
+    """Write a P-DATA-TF PDU that only continues a data set straight into its file.
+
+    pynetdicom turns every P-DATA-TF PDU into a PDU object, a primitive, a
+    state machine event and a DIMSE call that finally writes a copy of each
+    fragment to the file; for a whole-slide image sent in 128 KiB PDUs that
+    is most of the receiving process's time. A PDU whose every item is a
+    data set fragment that is not the last one, on the presentation context
+    of the C-STORE whose data set is being written, changes nothing but the
+    file (in state Sta6, Evt10 leads back to Sta6), so it is written here.
+    Anything else (a command, the last fragment, another context, an item
+    that does not add up, an event still queued before it, handlers bound to
+    PDU events) returns False and takes pynetdicom's own path.
+    """
+    if dul.state_machine.current_state != "Sta6" or dul.event_queue.qsize() or dul._recv_pdu.qsize():
+        return False
+    assoc = dul.assoc
+    message = assoc.dimse.message
+    target = getattr(message, "_data_set_file", None)
+    if not isinstance(target, ReceivedFile):
+        return False
+    if assoc.get_handlers(evt.EVT_PDU_RECV) or assoc.get_handlers(evt.EVT_DATA_RECV):
+        return False
+    context_id = getattr(message, "context_id", None)
+    fragments: list[tuple[int, int]] = []
+    offset, end = 6, len(pdu)
+    while offset < end:
+        if end - offset < _PDV_HEADER.size:
+            return False
+        length, item_context, control = _PDV_HEADER.unpack_from(pdu, offset)
+        stop = offset + 4 + length
+        if length < 2 or stop > end or item_context != context_id or control & 0x03:
+            return False
+        fragments.append((offset + _PDV_HEADER.size, stop))
+        offset = stop
+    if not fragments:
+        return False
+    with memoryview(pdu) as view:
+        for start, stop in fragments:
+            target.write(view[start:stop])
+    return True
 
 
 #: The last tag read to compare the data set with the request: SOP Instance UID.
