@@ -50,6 +50,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     event,
     insert,
@@ -100,6 +101,18 @@ _head = Table(
     Column("chain", String(16), primary_key=True),
     Column("last_seq", BigInteger().with_variant(Integer, "sqlite"), nullable=False),
     Column("last_hash", String(64), nullable=False),
+)
+
+# The statements of an append, built once: SQLAlchemy then finds each one's
+# compiled form in its cache instead of building and compiling it per record.
+_LOCK_HEAD: Final = (
+    select(_head.c.last_seq, _head.c.last_hash).where(_head.c.chain == CHAIN_ID).with_for_update()
+)
+_INSERT_RECORD: Final = insert(_records)
+_MOVE_HEAD: Final = (
+    update(_head)
+    .where(_head.c.chain == CHAIN_ID)
+    .values(last_seq=bindparam("new_seq"), last_hash=bindparam("new_hash"))
 )
 
 #: The stored fields the hash covers, in addition to ``seq`` and ``prev_hash``.
@@ -338,23 +351,13 @@ class AuditTrail:
         """Append one record at the end of the chain, durably, and return its place."""
         row = entry.to_row()
         with self._lock, self._engine.begin() as conn:
-            head = conn.execute(
-                select(_head.c.last_seq, _head.c.last_hash)
-                .where(_head.c.chain == CHAIN_ID)
-                .with_for_update()
-            ).one()
+            head = conn.execute(_LOCK_HEAD).one()
             seq = int(head.last_seq) + 1
             digest = record_hash(seq, head.last_hash, row)
             conn.execute(
-                insert(_records).values(
-                    seq=seq, prev_hash=head.last_hash, record_hash=digest, **row
-                )
+                _INSERT_RECORD, {"seq": seq, "prev_hash": head.last_hash, "record_hash": digest, **row}
             )
-            conn.execute(
-                update(_head)
-                .where(_head.c.chain == CHAIN_ID)
-                .values(last_seq=seq, last_hash=digest)
-            )
+            conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": digest})
         return AppendResult(seq=seq, record_hash=digest)
 
     def _read(self) -> Connection:
