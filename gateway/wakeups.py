@@ -54,15 +54,72 @@ _install_lock = threading.Lock()
 
 class _Checkpoint(threading.Event):
     """The association's reactor checkpoint: clearing it (to pause the
-    reactor) wakes the reactor, so it reaches the pause at once."""
+    reactor) wakes the reactor, so it reaches the pause at once.
+
+    It also knows whether a reactor is blocked in :meth:`wait` on the cleared
+    checkpoint, which is what "paused" has to mean (see :func:`_paused`).
+    """
 
     def __init__(self, wake: threading.Event) -> None:
         super().__init__()
         self._wake = wake
+        self._state = threading.Condition(threading.Lock())
+        self._open = False
+        #: A thread waits in :meth:`wait` for the checkpoint to be set.
+        self.blocked = False
+
+    def is_set(self) -> bool:
+        return self._open
+
+    def set(self) -> None:
+        with self._state:
+            self._open = True
+            self._state.notify_all()
 
     def clear(self) -> None:
-        super().clear()
+        with self._state:
+            self._open = False
         self._wake.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._state:
+            if self._open:
+                return True
+            self.blocked = True
+            try:
+                return self._state.wait_for(lambda: self._open, timeout)
+            finally:
+                self.blocked = False
+
+
+_PAUSED = "_gateway_paused"
+
+
+def _paused(self: Association) -> bool:
+    """``Association._is_paused`` without pynetdicom's race.
+
+    A sender clears the checkpoint and waits for ``_is_paused`` before it
+    sends a request, so that the reactor thread cannot take the response off
+    the queue. pynetdicom's reactor sets ``_is_paused`` before it waits at
+    the checkpoint and clears it after: a reactor that passed the checkpoint
+    just before it was cleared still shows True, the request goes out, and
+    a fast response is taken by the reactor and dropped ("unexpected
+    C-STORE"), leaving the sender waiting for its DIMSE timeout. Here a
+    running reactor counts as paused only while it is blocked at the cleared
+    checkpoint (or the association is being killed, or the thread is not
+    running).
+    """
+    flagged = bool(self.__dict__.get(_PAUSED, False))
+    checkpoint = self.__dict__.get("_reactor_checkpoint")
+    if not isinstance(checkpoint, _Checkpoint) or checkpoint.is_set():
+        return flagged
+    if self.__dict__.get("_kill", False) or not self.is_alive():
+        return True  # no reactor will take anything (pynetdicom would wait for ever)
+    return flagged and checkpoint.blocked
+
+
+def _set_paused(self: Association, value: bool) -> None:
+    self.__dict__[_PAUSED] = value
 
 
 class _Clock:
@@ -188,6 +245,7 @@ def install() -> None:
             DULServiceProvider.run_reactor
         )
         StateMachine.do_action = _wrap_do_action(StateMachine.do_action)  # type: ignore[method-assign]
+        Association._is_paused = property(_paused, _set_paused)  # type: ignore[assignment]
         _set_clock(association, _association_wait)
         _set_clock(dul, _dul_wait)
         _installed = True

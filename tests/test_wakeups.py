@@ -74,3 +74,60 @@ def test_a_paused_reactor_is_reached_without_waiting_for_the_idle_timeout() -> N
     checkpoint.set()
     checkpoint.clear()
     assert wake.is_set() and not checkpoint.is_set()
+
+
+class _Reactor:
+    """The parts of an association :func:`wakeups._paused` looks at."""
+
+    def __init__(self, checkpoint: wakeups._Checkpoint) -> None:
+        self._reactor_checkpoint = checkpoint
+        self._kill = False
+        self.alive = True
+        wakeups._set_paused(self, True)  # type: ignore[arg-type]
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+
+def _paused(reactor: _Reactor) -> bool:
+    return wakeups._paused(reactor)  # type: ignore[arg-type]
+
+
+def test_a_reactor_that_passed_the_checkpoint_is_not_paused_until_it_blocks_there() -> None:
+    """pynetdicom's reactor flags itself paused before it waits at the
+    checkpoint: cleared just after it passed, the flag still says paused while
+    the reactor goes on to take messages off the queue. Paused means blocked
+    at the cleared checkpoint."""
+    checkpoint = wakeups._Checkpoint(threading.Event())
+    checkpoint.set()
+    reactor = _Reactor(checkpoint)
+    assert checkpoint.wait(0)  # the reactor passes the open checkpoint...
+    checkpoint.clear()  # ...and a sender closes it just after
+    assert not _paused(reactor)
+    passed = threading.Event()
+
+    def reactor_loop() -> None:
+        checkpoint.wait()
+        passed.set()
+
+    thread = threading.Thread(target=reactor_loop)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not _paused(reactor) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert _paused(reactor) and not passed.is_set()
+    checkpoint.set()
+    thread.join(5)
+    assert passed.is_set()
+
+
+def test_a_reactor_that_is_not_running_counts_as_paused() -> None:
+    checkpoint = wakeups._Checkpoint(threading.Event())
+    reactor = _Reactor(checkpoint)
+    wakeups._set_paused(reactor, False)  # type: ignore[arg-type]
+    checkpoint.clear()
+    assert not _paused(reactor)
+    reactor.alive = False
+    assert _paused(reactor)
+    reactor.alive, reactor._kill = True, True
+    assert _paused(reactor)
