@@ -17,6 +17,7 @@ import os
 import queue
 import shutil
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -26,9 +27,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 from pynetdicom import AE, build_context, evt
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from structlog.typing import FilteringBoundLogger
 
 from gateway import metrics
@@ -174,6 +177,89 @@ def _limit_send_queue(assoc: Any) -> None:
     dul.send_pdu = send_pdu
 
 
+#: A P-DATA-TF PDU's header (type, reserved, length) and a presentation data
+#: value item's header (length, context ID).
+_PDU_HEADER = struct.Struct(">BBL")
+_PDV_HEADER = struct.Struct(">LB")
+_P_DATA_TF = 0x04
+
+
+class DirectPData:
+    """Writes the association's P-DATA PDUs from the sending thread itself.
+
+    pynetdicom queues every P-DATA primitive to its DUL thread, which turns
+    it into a PDU object, runs the state machine (in Sta6 a P-DATA request
+    leads back to Sta6) and copies it once more onto the socket: for a
+    whole-slide image sent to an archive that takes 128 KiB PDUs, thousands
+    of hand-offs between two threads per instance. Here a P-DATA primitive
+    is encoded and written by the thread that sends the C-STORE, in order,
+    and the socket's own blocking is the back-pressure.
+
+    Only while nothing else can be on the wire in between: the association
+    established (Sta6), every P-DATA queued earlier already written by the
+    DUL thread, no TLS (an SSL connection must not be used by two threads at
+    once), no handler bound to PDU events. Otherwise the primitive takes
+    pynetdicom's queue. PDUs the DUL thread writes (an A-ABORT, a release)
+    take the same lock, so two PDUs never interleave on the wire.
+    """
+
+    def __init__(self, assoc: Any) -> None:
+        self._assoc = assoc
+        self._dul = assoc.dul
+        self._lock = threading.Lock()
+        self._queued = 0
+        self._written = 0
+        self._queue_pdu = self._dul.send_pdu
+        self._write_pdu = self._dul._send
+        self._dul.send_pdu = self.send_pdu
+        self._dul._send = self._locked_send
+        #: P-DATA PDUs written from the sending thread (for tests and the curious).
+        self.direct = 0
+
+    def _locked_send(self, pdu: Any) -> None:
+        """The DUL thread's write of a PDU, under the lock."""
+        with self._lock:
+            self._write_pdu(pdu)
+            if isinstance(pdu, P_DATA_TF):
+                self._written += 1
+
+    def _can_write(self) -> bool:
+        dul = self._dul
+        transport = dul.socket
+        return (
+            dul.state_machine.current_state == "Sta6"
+            and self._queued == self._written
+            and transport is not None
+            and transport.socket is not None
+            and not isinstance(transport.socket, ssl.SSLSocket)
+            and not self._assoc.get_handlers(evt.EVT_PDU_SENT)
+            and not self._assoc.get_handlers(evt.EVT_DATA_SENT)
+        )
+
+    def send_pdu(self, primitive: Any) -> None:
+        """``DULServiceProvider.send_pdu`` for this association (see the class)."""
+        if not isinstance(primitive, P_DATA):
+            self._queue_pdu(primitive)
+            return
+        with self._lock:
+            if not self._can_write():
+                self._queued += 1
+                direct = False
+            else:
+                pieces: list[bytes] = [b""]
+                for context_id, data in primitive.presentation_data_value_list:
+                    pieces.append(_PDV_HEADER.pack(len(data) + 1, context_id))
+                    pieces.append(data)
+                length = sum(len(piece) for piece in pieces)
+                pieces[0] = _PDU_HEADER.pack(_P_DATA_TF, 0, length)
+                # Raises OSError when the connection is gone: the C-STORE fails.
+                self._dul.socket.socket.sendall(b"".join(pieces))
+                self.direct += 1
+                direct = True
+        if not direct:
+            self._queue_pdu(primitive)
+
+
 def _client_ssl(dest: DicomDestination) -> tuple[ssl.SSLContext, str] | None:
     if dest.tls is None:
         return None
@@ -203,6 +289,8 @@ class DicomLink:
         self.ae.dimse_timeout = 300
         self.ae.network_timeout = 300
         self.assoc: Any = None
+        #: How the open association's P-DATA is written.
+        self.pdata: DirectPData | None = None
         self.wanted: dict[tuple[str, str], None] = {}
         self.last_used = time.monotonic()
         self.lock = threading.Lock()
@@ -229,6 +317,17 @@ class DicomLink:
             self.assoc = None
             raise SendError(f"association {state}")
         _limit_send_queue(self.assoc)
+        self.pdata = DirectPData(self.assoc)
+
+    def _store(self, path: Path) -> Any:
+        """C-STORE over the open association; a connection that fails while
+        the PDUs are written aborts it (no response will come)."""
+        try:
+            return self.assoc.send_c_store(path)
+        except OSError:
+            self.assoc.abort()
+            self.assoc = None
+            raise SendError("connection lost while sending") from None
 
     def send(self, path: Path, sop_class_uid: str, transfer_syntax_uid: str) -> int:
         """C-STORE ``path``; return the Success or Warning status or raise SendError."""
@@ -244,13 +343,18 @@ class DicomLink:
             fresh = True
         if pair not in self._accepted():
             raise SendError("presentation context (transfer syntax) refused")
-        status = self.assoc.send_c_store(path)
+        try:
+            status = self._store(path)
+        except SendError:
+            if fresh:
+                raise
+            status = Dataset()  # as a kept association the peer closed meanwhile
         if "Status" not in status and not fresh:
             # A kept association the peer closed meanwhile: one immediate retry.
             self._open()
             if pair not in self._accepted():
                 raise SendError("presentation context (transfer syntax) refused")
-            status = self.assoc.send_c_store(path)
+            status = self._store(path)
         if "Status" not in status:
             self.close()
             raise SendError("no response (association lost or timed out)")

@@ -1,0 +1,120 @@
+"""The forwarder's association to a DICOM archive, against dcmtk's storescp:
+P-DATA written by the sending thread arrives whole and in order, and a
+connection lost while sending fails the C-STORE at once instead of hanging."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.config import DicomDestination
+from gateway.deid.stream import _file_meta_end
+from gateway.forward import DicomLink, DirectPData, SendError
+from gateway.receive import configure_pynetdicom
+from gateway.synthetic import write_large_volume
+from tests.peers import Storescp
+
+VOLUME_BYTES = 8 * 2**20
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_large_volume(tmp_path_factory.mktemp("link") / "volume.dcm", VOLUME_BYTES)
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Iterator[Storescp]:
+    scp = Storescp(tmp_path / "archive").start()
+    try:
+        yield scp
+    finally:
+        scp.stop()
+
+
+def _link(archive: Storescp) -> DicomLink:
+    configure_pynetdicom()
+    dest = DicomDestination("archive", archive.ae_title, "127.0.0.1", archive.port, None)
+    return DicomLink(dest, "GATEWAY", 4 * 2**20)
+
+
+def _data_set(path: Path) -> bytes:
+    data = path.read_bytes()
+    return data[_file_meta_end(data, 132) :]
+
+
+def _sop_class_and_syntax(path: Path) -> tuple[str, str]:
+    from pydicom import dcmread
+
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+
+
+def test_an_instance_of_many_pdus_arrives_bit_for_bit(volume: Path, archive: Storescp) -> None:
+    link = _link(archive)
+    try:
+        for _ in range(2):  # a second C-STORE on the kept association
+            assert link.send(volume, *_sop_class_and_syntax(volume)) == 0x0000
+        writer = link.pdata
+        assert writer is not None
+        # storescp takes 128 KiB PDUs: every one of them written by the sender
+        assert writer.direct >= 2 * VOLUME_BYTES // 131072
+    finally:
+        link.close()
+    stored = archive.files()
+    assert stored
+    assert all(_data_set(path) == _data_set(volume) for path in stored)
+
+
+def _sent_once_then_failing(
+    volume: Path, archive: Storescp, failure: Callable[[DicomLink], None]
+) -> tuple[DicomLink, DirectPData, int]:
+    """A link that sent ``volume`` once; on its next send ``failure`` strikes
+    before the fifth PDU of the data set is written. Returns the link, the
+    first association's writer and how many PDUs it had written."""
+    link = _link(archive)
+    assert link.send(volume, *_sop_class_and_syntax(volume)) == 0x0000
+    writer = link.pdata
+    assert writer is not None
+    sent_before = writer.direct
+    original = link.assoc.dul.send_pdu
+
+    def send_pdu(primitive: object) -> None:
+        if writer.direct == sent_before + 4:
+            failure(link)
+        original(primitive)
+
+    link.assoc.dul.send_pdu = send_pdu
+    return link, writer, sent_before
+
+
+def test_a_connection_lost_while_sending_fails_the_store(volume: Path, archive: Storescp) -> None:
+    link, writer, sent_before = _sent_once_then_failing(volume, archive, lambda _: archive.stop())
+    try:
+        with pytest.raises(SendError):
+            link.send(volume, *_sop_class_and_syntax(volume))
+    finally:
+        link.close()
+    assert writer.direct == sent_before + 4
+
+
+def test_a_write_that_fails_aborts_and_the_store_is_retried_once(
+    volume: Path, archive: Storescp
+) -> None:
+    """The socket fails under the sending thread (here: closed for writing):
+    the association is aborted at once and the instance is sent again over a
+    fresh one."""
+
+    def shut(link: DicomLink) -> None:
+        link.assoc.dul.socket.socket.shutdown(socket.SHUT_WR)
+
+    link, first, sent_before = _sent_once_then_failing(volume, archive, shut)
+    try:
+        assert link.send(volume, *_sop_class_and_syntax(volume)) == 0x0000
+        assert link.pdata is not first  # sent again, on a new association
+        assert first.direct == sent_before + 4
+    finally:
+        link.close()
+    assert all(_data_set(path) == _data_set(volume) for path in archive.files())
