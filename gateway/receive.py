@@ -39,7 +39,7 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway import metrics, wakeups
 from gateway.config import Config
-from gateway.deid.headerkey import CheckedHeaders
+from gateway.deid.headerkey import CheckedHeaders, HeaderKey, header_key
 from gateway.logs import get_logger
 from gateway.spool import EntryInfo, Spool, SpoolFullError
 
@@ -76,7 +76,9 @@ class ReceivedFile:
     Every :data:`WRITEBACK_STEP` bytes the kernel is asked to start writing
     what came so far to disk (``sync_file_range``), so the fsync before the
     instance is acknowledged waits for the last step only, not for the whole
-    instance.
+    instance; the C-STORE handler starts the writeback of the rest
+    (:meth:`finish_writeback`) before it checks the instance, so the disk
+    writes while it does.
     """
 
     def __init__(self, incoming: Path, *, delete: bool, mode: str, suffix: str) -> None:
@@ -107,6 +109,14 @@ class ReceivedFile:
             except OSError as exc:
                 self._fail(exc)
         return len(data)
+
+    def finish_writeback(self) -> None:
+        """Start writing what is not on its way to disk yet (the data set is complete)."""
+        if self.error is None and self._written > self._flushed:
+            try:
+                self._start_writeback()
+            except OSError as exc:
+                self._fail(exc)
 
     def _start_writeback(self) -> None:
         self._raw.flush()
@@ -355,19 +365,25 @@ def _write_data_fragments(dul: DULServiceProvider, pdu: bytearray) -> bool:
 _LAST_IDENTITY_TAG = 0x00080018
 
 
-def _contradicts_request(path: Path, sop_class_uid: str, sop_instance_uid: str) -> bool:
+def _contradicts_request(
+    path: Path, key: HeaderKey | None, sop_class_uid: str, sop_instance_uid: str
+) -> bool:
     """True when the data set names another SOP Class or Instance than the request.
 
-    Only the start of the data set is read (up to SOP Instance UID). A data set
-    that cannot be read that far, or lacks either UID, is not a contradiction:
+    The UIDs come from the file's header key when it has one, else from the
+    start of the data set (read up to SOP Instance UID). A data set that
+    cannot be read that far, or lacks either UID, is not a contradiction:
     :func:`check_file` and the engine judge it.
     """
-    try:
-        with path.open("rb") as fp:
-            head = read_partial(fp, lambda tag, vr, length: tag > _LAST_IDENTITY_TAG, force=True)
-        found = [str(head.get(keyword) or "") for keyword in ("SOPClassUID", "SOPInstanceUID")]
-    except Exception:  # unreadable: check_file says why
-        return False
+    if key is not None:
+        found = [key.sop_class_uid or "", key.sop_instance_uid]
+    else:
+        try:
+            with path.open("rb") as fp:
+                head = read_partial(fp, lambda tag, vr, length: tag > _LAST_IDENTITY_TAG, force=True)
+            found = [str(head.get(keyword) or "") for keyword in ("SOPClassUID", "SOPInstanceUID")]
+        except Exception:  # unreadable: check_file says why
+            return False
     wanted = (sop_class_uid, sop_instance_uid)
     return any(value and value != expected for value, expected in zip(found, wanted, strict=True))
 
@@ -545,6 +561,8 @@ class Receiver:
         started = time.monotonic()
         try:
             spooled = getattr(event.request, "_dataset_file", None)
+            if isinstance(spooled, ReceivedFile):
+                spooled.finish_writeback()
             if isinstance(spooled, ReceivedFile) and spooled.error is not None:
                 received.unlink(missing_ok=True)
                 full = spooled.error.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -562,11 +580,13 @@ class Receiver:
                 refused("no-route", STATUS_NOT_AUTHORIZED)
                 return STATUS_NOT_AUTHORIZED
             request = cast(C_STORE, event.request)
-            if _contradicts_request(received, sop_class_uid, str(request.AffectedSOPInstanceUID)):
+            key = header_key(received)
+            instance_uid = str(request.AffectedSOPInstanceUID)
+            if _contradicts_request(received, key, sop_class_uid, instance_uid):
                 received.unlink(missing_ok=True)
                 refused("data-set-mismatch", STATUS_DATA_SET_MISMATCH)
                 return STATUS_DATA_SET_MISMATCH
-            if self.checked.check(received, self.pixel_classes) is not None:
+            if self.checked.check_keyed(received, key, self.pixel_classes) is not None:
                 received.unlink(missing_ok=True)
                 refused("malformed-data-set", STATUS_MALFORMED)
                 return STATUS_MALFORMED

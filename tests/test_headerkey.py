@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 
 from gateway.deid.headerkey import CheckedHeaders, header_key
 from gateway.deid.stream import check_file
+from gateway.receive import _contradicts_request
 
 UIDS = st.integers(min_value=1, max_value=2**128 - 1).map(lambda n: f"2.25.{n}")
 NUMBERS = st.integers(min_value=1, max_value=2**31 - 1)
@@ -111,3 +112,24 @@ def test_a_known_header_does_not_let_a_broken_instance_through(
     assert (full is not None) == refused
     assert checked.check(bad) == full
     assert (checked.hits, checked.misses) == (1, 2)
+
+
+
+def test_the_key_and_pydicom_find_the_same_identity_and_contradictions(
+    tmp_path: Path, volume_level: Dataset
+) -> None:
+    """The receiver compares the request with the UIDs in the key when there
+    is one, and with pydicom's reading of the file otherwise: both agree."""
+    path = write(volume_level, tmp_path / "a.dcm", "2.25.77", 7)
+    key = header_key(path)
+    assert key is not None
+    ds = dcmread(path, stop_before_pixels=True)
+    assert key.sop_class_uid == str(ds.SOPClassUID)
+    assert key.sop_instance_uid == str(ds.SOPInstanceUID) == "2.25.77"
+    for sop_class, instance, expected in [
+        (str(ds.SOPClassUID), "2.25.77", False),
+        ("1.2.840.10008.5.1.4.1.1.7", "2.25.77", True),
+        (str(ds.SOPClassUID), "2.25.78", True),
+    ]:
+        assert _contradicts_request(path, key, sop_class, instance) is expected
+        assert _contradicts_request(path, None, sop_class, instance) is expected

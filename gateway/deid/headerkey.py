@@ -40,6 +40,7 @@ from gateway.deid.stream import _element_end as checked_element_end
 #: The per-instance attributes: SOP Instance UID, Instance Number, In-concatenation
 #: Number and Concatenation Frame Offset Number.
 PER_INSTANCE_TAGS = frozenset({0x00080018, 0x00200013, 0x00209162, 0x00209228})
+SOP_CLASS_UID = 0x00080016
 SOP_INSTANCE_UID = 0x00080018
 META_GROUP_LENGTH = 0x00020000
 MEDIA_SOP_INSTANCE_UID = 0x00020003
@@ -74,6 +75,12 @@ class HeaderKey:
     meta_end: int
     #: Where the pixel data element starts and ends (the end of the file).
     pixel_extent: tuple[int, int]
+    #: The data set's SOP Class UID (part of the key), if it has one.
+    sop_class_uid: str | None = None
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.per_instance[SOP_INSTANCE_UID].value)
 
 
 class _CutShortError(Exception):
@@ -106,7 +113,7 @@ def _header_key(src: Path) -> HeaderKey | None:
                 want = min(size, want * 8, MAX_HEADER_BYTES)
         if parsed is None:
             return None
-        digest, syntax, raw, group_length, media_uid, meta_end, pixel_start = parsed
+        digest, syntax, raw, group_length, media_uid, meta_end, pixel_start, sop_class = parsed
         pixel_end, pixel_tag = _pixel_extent(fp, pixel_start, size, syntax)
     if pixel_tag is None or pixel_end != size:
         return None
@@ -126,12 +133,13 @@ def _header_key(src: Path) -> HeaderKey | None:
         media_uid,
         meta_end,
         (pixel_start, pixel_end),
+        sop_class,
     )
 
 
 def _parse(
     data: bytes,
-) -> tuple[hashlib._Hash, UID, bytes, bytes, bytes, int, int] | None:
+) -> tuple[hashlib._Hash, UID, bytes, bytes, bytes, int, int, str | None] | None:
     """Key the header in ``data``. Every piece fed to the hash is tagged and
     length-prefixed, so that one key means one sequence of pieces."""
     if len(data) < PREFIX + 8:
@@ -165,14 +173,19 @@ def _parse(
         return None
     implicit = syntax.is_implicit_VR
     raw = bytearray()
+    sop_class: str | None = None
     while True:
         if offset + 8 > len(data):
             raise _CutShortError
         group, element = _TAG.unpack_from(data, offset)
         tag = (group << 16) | element
         if tag in _PIXEL_TAGS:
-            return digest, syntax, bytes(raw), group_length, media_uid, meta_end, offset
+            return digest, syntax, bytes(raw), group_length, media_uid, meta_end, offset, sop_class
         end = _element_end(data, offset, implicit)
+        if tag == SOP_CLASS_UID:
+            short = implicit or data[offset + 4 : offset + 6] not in _LONG_VRS
+            value = data[offset + (8 if short else 12) : end]
+            sop_class = value.rstrip(b"\0 ").decode("ascii", "replace")
         if tag in PER_INSTANCE_TAGS:
             digest.update(b"V" + _U32.pack(tag))
             raw += data[offset:end]
@@ -258,7 +271,12 @@ class CheckedHeaders:
 
     def check(self, src: Path, pixel_classes: Collection[str] | None = None) -> str | None:
         """:func:`~gateway.deid.stream.check_file`, skipping what is known to pass."""
-        key = header_key(src)
+        return self.check_keyed(src, header_key(src), pixel_classes)
+
+    def check_keyed(
+        self, src: Path, key: HeaderKey | None, pixel_classes: Collection[str] | None = None
+    ) -> str | None:
+        """:meth:`check` with ``src``'s :func:`header_key` already at hand."""
         if key is not None and self._known(key.key) and _rest_is_sound(key):
             self.hits += 1
             return None
