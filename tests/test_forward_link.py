@@ -4,7 +4,10 @@ connection lost while sending fails the C-STORE at once instead of hanging."""
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,7 +15,13 @@ import pytest
 
 from gateway.config import DicomDestination
 from gateway.deid.stream import _file_meta_end
-from gateway.forward import DicomLink, DirectPData, SendError
+from gateway.forward import (
+    FORWARD_NICE,
+    DicomLink,
+    DirectPData,
+    SendError,
+    lower_thread_priority,
+)
 from gateway.receive import configure_pynetdicom
 from gateway.synthetic import write_large_volume
 from tests.peers import Storescp
@@ -118,3 +127,28 @@ def test_a_write_that_fails_aborts_and_the_store_is_retried_once(
     finally:
         link.close()
     assert all(_data_set(path) == _data_set(volume) for path in archive.files())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a nice value per thread is Linux's")
+def test_forwarding_threads_run_nicer_than_the_rest() -> None:
+    seen: list[tuple[int, int]] = []
+
+    def worker() -> None:
+        lower_thread_priority(FORWARD_NICE)
+        tid = threading.get_native_id()
+
+        def child() -> None:  # threads a forwarding thread starts (associations, hashing)
+            own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            seen.append((os.getpriority(os.PRIO_PROCESS, tid), own))
+
+        thread = threading.Thread(target=child)
+        thread.start()
+        thread.join()
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    expected = min(base + FORWARD_NICE, 19)
+    assert seen == [(expected, expected)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
