@@ -8,8 +8,10 @@ rounds alternate between:
     from storescu's start until the archive holds every de-identified instance;
 (c) acknowledgement: from storescu's start until it has every C-STORE response.
 
-Then de-identification alone (file to file) against a plain copy, its peak
-memory on a large instance, and Orthanc (receive, /anonymize, forward) as a
+Then a reference floor (a minimal pynetdicom receiver, with and without an
+fsync per instance), de-identification alone (file to file) against a plain
+copy (with fsync, so the durable write speed of the disk), its peak memory on
+a large instance, and Orthanc (receive, /anonymize, forward) as a
 peer. Every figure printed is measured in the run; the JSON goes to
 ``benchmarks/results/<timestamp>.json``. Exit status 1 when a target is missed.
 """
@@ -32,14 +34,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks.floor_scp import AE_TITLE as FLOOR_AE
 from benchmarks.peers import (
+    STARTUP_SECONDS,
     Gateway,
     MemoryWatch,
     Orthanc,
     Sender,
     Storescp,
 )
-from tests.peers import ORTHANC, STORESCU
+from tests.peers import ORTHANC, STORESCU, free_port, stop, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "benchmarks" / "data"
@@ -349,6 +353,40 @@ def orthanc_benchmark(work: Workload, rounds: int, archive: Storescp, scratch: P
     }
 
 
+def floor_benchmark(
+    works: Sequence[Workload], rounds: int, baseline: Storescp, scratch: Path
+) -> dict[str, Any]:
+    """The minimal pynetdicom receiver (``benchmarks/floor_scp.py``), with and
+    without an fsync per instance, against the baseline in alternating rounds:
+    what pynetdicom and a durable write cost before the gateway does anything."""
+    results: dict[str, Any] = {}
+    for durable in (False, True):
+        variant = "fsync" if durable else "no_fsync"
+        directory = scratch / f"floor-{variant}"
+        port = free_port()
+        command = [sys.executable, "-m", "benchmarks.floor_scp", str(port), str(directory)]
+        proc = subprocess.Popen(command + (["--fsync"] if durable else []), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for_port(port, proc, timeout=STARTUP_SECONDS)
+            for work in works:
+                times: dict[str, list[float]] = {"baseline": [], "ack": []}
+                for _ in range(rounds):
+                    times["baseline"].append(baseline_round(baseline, work))
+                    times["ack"].append(Sender(port, work.files, FLOOR_AE).join(_timeout(work.size)))
+                    for path in directory.glob("*.dcm"):
+                        path.unlink()
+                base, ack = _median(times["baseline"]), _median(times["ack"])
+                results.setdefault(work.name, {})[variant] = {
+                    "rounds": times, "ack": _rates(work, ack), "ack_ratio": base / ack,
+                }
+                log(f"floor {work.name} {variant}: baseline {base:.2f} s, ack {ack:.2f} s")
+        finally:
+            stop(proc)
+            shutil.rmtree(directory, ignore_errors=True)
+    return results
+
+
 # ---------------------------------------------------------------------------
 # Report
 
@@ -401,6 +439,13 @@ def _table(results: dict[str, Any]) -> str:
             ratio = f"{base / m['seconds']:.2f}" if phase in ("receive", "total") else ""
             lines.append(f"| study | | Orthanc {phase} | {m['seconds']:.2f} | {m['mb_per_s']:.0f} | "
                          f"{m['instances_per_s']:.1f} | {ratio} | |")
+    if "floor" in results:
+        lines += ["", "| reference: minimal pynetdicom receiver | acknowledged, no fsync | ratio | "
+                  "acknowledged, fsync per instance | ratio |", "| --- | --- | --- | --- | --- |"]
+        for name, floor in results["floor"].items():
+            plain, durable = floor["no_fsync"], floor["fsync"]
+            lines.append(f"| {name} | {plain['ack']['seconds']:.2f} s | {plain['ack_ratio']:.2f} | "
+                         f"{durable['ack']['seconds']:.2f} s | {durable['ack_ratio']:.2f} |")
     lines += ["", "| de-identification alone | size | deid MB/s | plain copy MB/s | deid/copy |",
               "| --- | --- | --- | --- | --- |"]
     for name, d in results["deid"].items():
@@ -505,6 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             if huge is not None:
                 results["relay"]["huge"] = relay_benchmark(huge, 1, key, baseline, archive, scratch)
+            results["floor"] = floor_benchmark([large, study], plan.rounds, baseline, scratch)
             results["deid"] = deid_benchmark([large, study], memory_file, plan.rounds, key, scratch)
             if plan.orthanc and Path(ORTHANC).is_file():
                 results["orthanc"] = orthanc_benchmark(study, plan.rounds, archive, scratch)
