@@ -4,11 +4,14 @@ A pynetdicom C-STORE SCP with chunked receive and TCP_NODELAY that moves each
 received file into a directory and answers Success, with nothing else: no
 allowlist, no check, no spool, no forwarding. With ``--fsync`` it flushes the
 file and its directory to disk before answering, as the gateway must before it
-acknowledges an instance. ``benchmarks/run`` sends the same workloads to it
-in the same run as the baseline, so the report shows how much of the gap to
-dcmtk is pynetdicom and the disk, and how much is the gateway.
+acknowledges an instance; with ``--gateway-pynetdicom`` it receives through
+the gateway's changes to pynetdicom (socket reads, data PDUs written straight
+to the file, writeback while receiving, event-driven reactors).
+``benchmarks/run`` sends the same workloads to it in the same run as the
+baseline, so the report shows how much of the gap to dcmtk is pynetdicom and
+the disk, and how much is the gateway.
 
-    python -m benchmarks.floor_scp PORT DIRECTORY [--fsync]
+    python -m benchmarks.floor_scp PORT DIRECTORY [--fsync] [--gateway-pynetdicom]
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import VLWholeSlideMicroscopyImageStorage  # type: ignore[attr-defined]
 
-from gateway.receive import set_nodelay  # only sets TCP_NODELAY: pynetdicom stays as it is
+from gateway.receive import configure_receiving, set_nodelay
 
 AE_TITLE = "FLOOR"
 
@@ -41,6 +44,9 @@ def main() -> None:
     parser.add_argument("port", type=int)
     parser.add_argument("directory", type=Path)
     parser.add_argument("--fsync", action="store_true", help="flush each instance to disk before Success")
+    parser.add_argument("--gateway-pynetdicom", action="store_true",
+                        help="with the gateway's changes to pynetdicom's receive path "
+                             "(gateway.receive.configure_receiving)")
     args = parser.parse_args()
     directory: Path = args.directory
     directory.mkdir(parents=True, exist_ok=True)
@@ -48,6 +54,8 @@ def main() -> None:
     incoming.mkdir(exist_ok=True)
     tempfile.tempdir = str(incoming)
     _config.STORE_RECV_CHUNKED_DATASET = True
+    if args.gateway_pynetdicom:
+        configure_receiving(incoming)
     numbers = itertools.count()
 
     def on_store(event: evt.Event) -> int:

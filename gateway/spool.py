@@ -33,6 +33,7 @@ import shutil
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -127,8 +128,8 @@ def read_state(entry: Path) -> EntryState:
     return EntryState()
 
 
-def move_durably(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst`` and fsync the content; copy when across file systems."""
+def move(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; copy when across file systems. Not yet durable."""
     try:
         src.replace(dst)
     except OSError as exc:
@@ -136,7 +137,11 @@ def move_durably(src: Path, dst: Path) -> None:
             raise
         shutil.copyfile(src, dst)
         src.unlink()
-    fsync_file(dst)
+
+
+#: Flushes an entry's instance while its entry file is written and flushed:
+#: the two fsyncs overlap (a journaling file system commits them together).
+_flushing = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-fsync")
 
 
 class Spool:
@@ -235,8 +240,12 @@ class Spool:
         staging = self.incoming / entry_id
         try:
             staging.mkdir(mode=0o700)
-            move_durably(received, staging / INSTANCE)
-            write_json_new(staging / ENTRY, asdict(info))
+            move(received, staging / INSTANCE)
+            flushed = _flushing.submit(fsync_file, staging / INSTANCE)
+            try:
+                write_json_new(staging / ENTRY, asdict(info))
+            finally:
+                flushed.result()  # raises what the fsync raised
             fsync_dir(staging)
             staging.rename(self.ready / entry_id)
             fsync_dir(self.ready)
