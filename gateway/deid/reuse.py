@@ -40,11 +40,13 @@ from typing import TYPE_CHECKING
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element, write_file_meta_info
-from pydicom.uid import UID
+from pydicom.filewriter import write_data_element
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from gateway.deid.harvest import harvest
 from gateway.deid.headerkey import (
+    MEDIA_SOP_INSTANCE_UID,
+    META_GROUP_LENGTH,
     PER_INSTANCE_TAGS,
     PREFIX,
     SOP_INSTANCE_UID,
@@ -56,7 +58,6 @@ from gateway.deid.stream import (
     _PIXEL_TAGS,
     MalformedError,
     _element_end,
-    _file_meta,
     _file_meta_end,
     _write_header_and_pixels,
 )
@@ -76,9 +77,11 @@ class _Action:
 @dataclass(frozen=True)
 class _Entry:
     prefix: bytes
+    #: The file meta's elements after its group length, as the first run
+    #: wrote them; the Media Storage SOP Instance UID is made per instance.
+    meta: tuple[tuple[int, bytes], ...]
     elements: tuple[tuple[int, bytes], ...]
     actions: dict[int, _Action]
-    sop_class_uid: str
     haystack: bytes
     report: DeidReport
     scanner: OutputScanner
@@ -167,8 +170,13 @@ class HeaderMemo:
             return
         try:
             dataset_start = _file_meta_end(data, PREFIX)
+            meta = _split(data[:dataset_start], PREFIX, ExplicitVRLittleEndian)
             elements = _split(data, dataset_start, probe.syntax)
         except (MalformedError, struct.error):
+            return
+        if not meta or meta[0][0] != META_GROUP_LENGTH:
+            return
+        if sum(tag == MEDIA_SOP_INSTANCE_UID for tag, _ in meta) != 1:
             return
         if any(tag in _PIXEL_TAGS or tag < 0x00080000 for tag, _ in elements):
             return
@@ -183,9 +191,9 @@ class HeaderMemo:
                 del stored.uid_map[old]
         entry = _Entry(
             prefix=data[:PREFIX],
+            meta=tuple(meta[1:]),
             elements=tuple(elements),
             actions=actions,
-            sop_class_uid=str(output.SOPClassUID),
             haystack=data.lower(),
             report=stored,
             scanner=report.output_scanner,
@@ -273,10 +281,10 @@ def _assemble(entry: _Entry, values: dict[int, DataElement], syntax: UID) -> byt
     out.is_little_endian = True
     out.is_implicit_VR = False
     out.write(entry.prefix)
-    named = Dataset()
-    named.SOPClassUID = entry.sop_class_uid
-    named.SOPInstanceUID = values[SOP_INSTANCE_UID].value
-    write_file_meta_info(out, _file_meta(named, syntax), enforce_standard=True)
+    media_uid = _ui_element(MEDIA_SOP_INSTANCE_UID, str(values[SOP_INSTANCE_UID].value))
+    meta = b"".join(media_uid if tag == MEDIA_SOP_INSTANCE_UID else chunk for tag, chunk in entry.meta)
+    out.write(_GROUP_LENGTH.pack(0x0002, 0x0000, b"UL", 4, len(meta)))
+    out.write(meta)
     out.is_implicit_VR = syntax.is_implicit_VR
     pending = sorted(values.items())
     for tag, chunk in entry.elements:
@@ -289,6 +297,20 @@ def _assemble(entry: _Entry, values: dict[int, DataElement], syntax: UID) -> byt
     for _, elem in pending:
         write_data_element(out, elem)
     return bytes(out.getvalue())
+
+
+#: File meta group length: tag, VR, value length, value (explicit VR little endian).
+_GROUP_LENGTH = struct.Struct("<HH2sHL")
+_SHORT_ELEMENT = struct.Struct("<HH2sH")
+
+
+def _ui_element(tag: int, uid: str) -> bytes:
+    """A UI element of the file meta, padded to even length with a NUL as
+    pydicom pads it."""
+    value = uid.encode("ascii")
+    if len(value) % 2:
+        value += b"\0"
+    return _SHORT_ELEMENT.pack(tag >> 16, tag & 0xFFFF, b"UI", len(value)) + value
 
 
 def _copy(report: DeidReport) -> DeidReport:
