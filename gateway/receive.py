@@ -76,10 +76,10 @@ class ReceivedFile:
 
     Every :data:`WRITEBACK_STEP` bytes the kernel is asked to start writing
     what came so far to disk (``sync_file_range``), and, unless one is still
-    running, an ``fdatasync`` of the file starts in a helper thread: writing
-    the pages is not enough, a disk (or a virtual machine's host) can hold
-    them in its own cache until it is told to flush, and for a 1 GB instance
-    that flush took a second after the last byte. So the fsync before the
+    running, an ``fdatasync`` of the file starts in a helper thread: with
+    the pages written but not flushed, the fsync of a 1 GB instance still
+    took about a second after its last byte (a disk, or a virtual machine's
+    host, can hold written data in a cache of its own until told to flush). So the fsync before the
     instance is acknowledged waits for the last step only. The C-STORE
     handler starts the writeback of the rest and collects the helper's
     outcome (:meth:`finish_writeback`) before it checks the instance: a
