@@ -45,7 +45,7 @@ from gateway.deid.report import DeidReport, Outcome
 from gateway.health import writable_directory_check
 from gateway.logs import association_logger, get_logger, instance_logger
 from gateway.quarantine import Quarantine, Reason
-from gateway.receive import set_nodelay
+from gateway.receive import P_DATA_TF_TYPE, PDU_HEADER, set_nodelay
 from gateway.spool import EntryInfo, Spool, fsync_dir
 
 
@@ -201,11 +201,8 @@ def lower_thread_priority(increment: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
 
 
-#: A P-DATA-TF PDU's header (type, reserved, length) and a presentation data
-#: value item's header (length, context ID).
-_PDU_HEADER = struct.Struct(">BBL")
+#: A presentation data value item's header as written: length, context ID.
 _PDV_HEADER = struct.Struct(">LB")
-_P_DATA_TF = 0x04
 
 
 class DirectPData:
@@ -275,7 +272,7 @@ class DirectPData:
                     pieces.append(_PDV_HEADER.pack(len(data) + 1, context_id))
                     pieces.append(data)
                 length = sum(len(piece) for piece in pieces)
-                pieces[0] = _PDU_HEADER.pack(_P_DATA_TF, 0, length)
+                pieces[0] = PDU_HEADER.pack(P_DATA_TF_TYPE, 0, length)
                 # Raises OSError when the connection is gone: the C-STORE fails.
                 self._dul.socket.socket.sendall(b"".join(pieces))
                 self.direct += 1

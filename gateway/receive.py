@@ -79,12 +79,12 @@ class ReceivedFile:
     running, an ``fdatasync`` of the file starts in a helper thread: with
     the pages written but not flushed, the fsync of a 1 GB instance still
     took about a second after its last byte (a disk, or a virtual machine's
-    host, can hold written data in a cache of its own until told to flush). So the fsync before the
-    instance is acknowledged waits for the last step only. The C-STORE
-    handler starts the writeback of the rest and collects the helper's
-    outcome (:meth:`finish_writeback`) before it checks the instance: a
-    failed flush fails the instance, since a later fsync through another
-    descriptor need not report it again.
+    host, can hold written data in a cache of its own until told to flush).
+    So the fsync before the instance is acknowledged waits for the last step
+    only. The C-STORE handler starts the writeback of the rest and collects
+    the helper's outcome (:meth:`finish_writeback`) before it checks the
+    instance: a failed flush fails the instance, since a later fsync through
+    another descriptor need not report it again.
     """
 
     def __init__(self, incoming: Path, *, delete: bool, mode: str, suffix: str) -> None:
@@ -283,6 +283,9 @@ def _recv_into(sock: socket.socket, view: memoryview) -> int:
     return nr_read
 
 
+#: A PDU's header: type, reserved, length of what follows.
+PDU_HEADER = struct.Struct(">BBL")
+P_DATA_TF_TYPE = 0x04
 _DUL_LOGGER = logging.getLogger("pynetdicom.dul")
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 
@@ -308,7 +311,7 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
     if len(header) != 6:
         self.event_queue.put("Evt17")
         return
-    pdu_type, _, pdu_length = struct.unpack(">BBL", header)
+    pdu_type, _, pdu_length = PDU_HEADER.unpack(header)
     if pdu_type not in _PDU_TYPES:
         _DUL_LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
         self.event_queue.put("Evt19")
@@ -329,7 +332,7 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
         )
         self.event_queue.put("Evt17")
         return
-    if pdu_type == _P_DATA_TF and _write_data_fragments(self, bytestream):
+    if pdu_type == P_DATA_TF_TYPE and _write_data_fragments(self, bytestream):
         return
     try:
         pdu, event = self._decode_pdu(bytestream)
@@ -342,7 +345,6 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
     self._recv_pdu.put(pdu)
 
 
-_P_DATA_TF = 0x04
 #: A presentation data value item's header: item length, context ID, message control header.
 _PDV_HEADER = struct.Struct(">LBB")
 
