@@ -195,7 +195,8 @@ def configure_pynetdicom() -> None:
 
     Data sets are sent from file, pynetdicom logging of identifiers is
     switched off (they are UIDs from the data), sockets are read in large
-    steps and each PDU is copied once (:func:`_recv`, :func:`_read_pdu_data`)
+    steps and each PDU is copied once (:func:`_recv`, :func:`_read_pdu_data`),
+    a socket is closed even when its peer dropped it (:func:`_shutdown_socket`)
     and the reactor threads wait for events instead of
     polling (:mod:`gateway.wakeups`).
     """
@@ -208,6 +209,7 @@ def configure_pynetdicom() -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     setattr(AssociationSocket, "recv", _recv)  # noqa: B010 - replaces a method of pynetdicom
     setattr(DULServiceProvider, "_read_pdu_data", _read_pdu_data)  # noqa: B010 - as above
+    setattr(AssociationSocket, "_shutdown_socket", _shutdown_socket)  # noqa: B010 - as above
     wakeups.install()
 
 
@@ -229,6 +231,22 @@ def configure_receiving(incoming: Path) -> None:
 
 #: Largest single read from an association socket.
 RECV_CHUNK = 1 << 20
+
+
+def _shutdown_socket(self: AssociationSocket) -> None:
+    """``AssociationSocket._shutdown_socket`` that closes the socket whatever.
+
+    pynetdicom closes the socket only when ``shutdown`` succeeded first; on a
+    connection the peer already dropped, ``shutdown`` fails and the
+    descriptor stays open until the socket object is garbage collected.
+    """
+    sock = self.socket
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
 
 
 def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:

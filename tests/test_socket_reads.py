@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import socket
 import threading
+from types import SimpleNamespace
+from typing import Any, cast
 
-from gateway.receive import _read_into
+import pytest
+
+from gateway.receive import _read_into, _shutdown_socket
 
 
 def _serve(data: bytes, close: bool) -> socket.socket:
@@ -39,3 +43,14 @@ def test_a_declared_length_is_not_allocated_before_its_bytes_arrive() -> None:
         assert _read_into(sock, buffer, 0, 2**31, step=64) == len(data)
         assert bytes(buffer[: len(data)]) == data
         assert len(buffer) <= 2 * len(data)
+
+
+def test_a_socket_whose_shutdown_fails_is_closed_all_the_same() -> None:
+    """A connection the peer dropped cannot be shut down; pynetdicom then
+    left its descriptor open until garbage collection."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # not connected: shutdown fails
+    with pytest.raises(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    _shutdown_socket(cast(Any, SimpleNamespace(socket=sock)))
+    assert sock.fileno() == -1
+    _shutdown_socket(cast(Any, SimpleNamespace(socket=None)))  # no socket: nothing to do
