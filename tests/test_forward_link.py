@@ -89,9 +89,11 @@ def _sent_once_then_failing(
     assert writer is not None
     sent_before = writer.direct
     original = link.assoc.dul.send_pdu
+    struck: list[bool] = []
 
     def send_pdu(primitive: object) -> None:
-        if writer.direct == sent_before + 4:
+        if writer.direct == sent_before + 4 and not struck:
+            struck.append(True)  # once: the abort that follows goes through here too
             failure(link)
         original(primitive)
 
