@@ -44,8 +44,9 @@ from gateway.deid.profile import Profile
 from gateway.deid.report import DeidReport, Outcome
 from gateway.health import writable_directory_check
 from gateway.logs import association_logger, get_logger, instance_logger
+from gateway.pdu import P_DATA_TF_TYPE, PDU_HEADER
 from gateway.quarantine import Quarantine, Reason
-from gateway.receive import P_DATA_TF_TYPE, PDU_HEADER, set_nodelay
+from gateway.receive import set_nodelay
 from gateway.spool import EntryInfo, Spool, fsync_dir
 
 

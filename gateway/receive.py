@@ -11,22 +11,17 @@ pynetdicom's own clean-up afterwards finds nothing left to delete.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import itertools
 import logging
-import os
 import socket
 import ssl
-import struct
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from tempfile import NamedTemporaryFile
 from typing import Any, Protocol, cast
 
 from pydicom.filereader import read_partial
@@ -40,8 +35,11 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway import metrics, wakeups
 from gateway.config import Config
+from gateway.cstore import StoreRequest, direct_stores, serve_stores
 from gateway.deid.headerkey import CheckedHeaders, HeaderKey, header_key
 from gateway.logs import get_logger
+from gateway.pdu import COMMAND, LAST, P_DATA_TF_TYPE, PDU_HEADER, pdv_items
+from gateway.received_file import ReceivedFile
 from gateway.spool import EntryInfo, Spool, SpoolFullError
 
 
@@ -64,130 +62,6 @@ STATUS_MALFORMED = 0xC210
 #: Error, Data Set Does Not Match SOP Class: the data set's SOP Class or
 #: Instance UID contradicts the request's Affected SOP Class or Instance UID.
 STATUS_DATA_SET_MISMATCH = 0xA900
-
-
-class ReceivedFile:
-    """The file pynetdicom streams a received data set into, in ``incoming``.
-
-    pynetdicom writes from its reactor thread: a failed write (disk full)
-    would raise there and abort the association with no status at all. Here
-    the first error is kept, the file is emptied to give the space back and
-    later writes are dropped, so the C-STORE handler can answer 0xA700.
-
-    Every :data:`WRITEBACK_STEP` bytes the kernel is asked to start writing
-    what came so far to disk (``sync_file_range``), and, unless one is still
-    running, an ``fdatasync`` of the file starts in a helper thread: with
-    the pages written but not flushed, the fsync of a 1 GB instance still
-    took about a second after its last byte (a disk, or a virtual machine's
-    host, can hold written data in a cache of its own until told to flush).
-    So the fsync before the instance is acknowledged waits for the last step
-    only. The C-STORE handler starts the writeback of the rest and collects
-    the helper's outcome (:meth:`finish_writeback`) before it checks the
-    instance: a failed flush fails the instance, since a later fsync through
-    another descriptor need not report it again.
-    """
-
-    def __init__(self, incoming: Path, *, delete: bool, mode: str, suffix: str) -> None:
-        self._file = NamedTemporaryFile(  # noqa: SIM115 - closed by pynetdicom through close()
-            dir=incoming, prefix="recv-", delete=delete, mode=mode, suffix=suffix
-        )
-        self.name = self._file.name
-        # Written through the file object itself: the wrapper's attribute
-        # lookup costs more than the write of a PDU's data.
-        self._raw = self._file.file
-        self._written = 0
-        self._flushed = 0
-        #: The flush running in a helper thread, if any.
-        self._flushing: Future[None] | None = None
-        self.error: OSError | None = None
-
-    @property
-    def file(self) -> ReceivedFile:
-        """pynetdicom flushes through ``.file``, as on a NamedTemporaryFile."""
-        return self
-
-    def write(self, data: bytes | memoryview) -> int:
-        if self.error is None:
-            try:
-                count = self._raw.write(data)
-                self._written += count
-                if self._written - self._flushed >= WRITEBACK_STEP:
-                    self._start_writeback()
-                return count
-            except OSError as exc:
-                self._fail(exc)
-        return len(data)
-
-    def finish_writeback(self) -> None:
-        """Start writing what is not on its way to disk yet (the data set is
-        complete) and wait for the helper's flush; its failure is the file's."""
-        try:
-            if self.error is None and self._written > self._flushed:
-                self._start_writeback(flush=False)
-            if self._flushing is not None:
-                self._flushing.result()
-        except OSError as exc:
-            self._fail(exc)
-        finally:
-            self._flushing = None
-
-    def _start_writeback(self, *, flush: bool = True) -> None:
-        self._raw.flush()
-        fd = self._raw.fileno()
-        if _sync_file_range is not None:
-            # Starts the writes and returns; a full device queue slows the
-            # receipt down to the disk's pace, which the fsync would anyway.
-            _sync_file_range(fd, self._flushed, self._written - self._flushed, _SYNC_FILE_RANGE_WRITE)
-        self._flushed = self._written
-        if flush and (self._flushing is None or self._flushing.done()):
-            if self._flushing is not None:
-                self._flushing.result()  # a failed flush raises here
-            # A descriptor of its own: the file may be closed meanwhile.
-            self._flushing = _flushes.submit(_flush_and_close, os.dup(fd))
-
-    def flush(self) -> None:
-        if self.error is None:
-            try:
-                self._raw.flush()
-            except OSError as exc:
-                self._fail(exc)
-
-    def _fail(self, exc: OSError) -> None:
-        self.error = exc
-        with contextlib.suppress(OSError):
-            os.ftruncate(self._file.fileno(), 0)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):  # a flush of data that could not be written
-            self._file.close()
-
-
-#: How much of a received data set is written before its writeback to disk starts.
-WRITEBACK_STEP = 16 * 1024 * 1024
-_SYNC_FILE_RANGE_WRITE = 2
-#: Runs the flushes of received files (see :class:`ReceivedFile`).
-_flushes = ThreadPoolExecutor(max_workers=4, thread_name_prefix="receive-flush")
-
-
-def _flush_and_close(fd: int) -> None:
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-
-
-def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """``sync_file_range(2)`` from the C library (Linux), or None."""
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return cast(Callable[[int, int, int, int], int], function)
-
-
-_sync_file_range = _libc_sync_file_range()
 
 
 def configure_pynetdicom() -> None:
@@ -301,9 +175,6 @@ def _recv_into(sock: socket.socket, view: memoryview) -> int:
     return nr_read
 
 
-#: A PDU's header: type, reserved, length of what follows.
-PDU_HEADER = struct.Struct(">BBL")
-P_DATA_TF_TYPE = 0x04
 _DUL_LOGGER = logging.getLogger("pynetdicom.dul")
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 
@@ -350,8 +221,12 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
         )
         self.event_queue.put("Evt17")
         return
-    if pdu_type == P_DATA_TF_TYPE and _write_data_fragments(self, bytestream):
-        return
+    if pdu_type == P_DATA_TF_TYPE:
+        stores = direct_stores(self)
+        if stores is not None and stores.take(self, bytestream):
+            return
+        if _write_data_fragments(self, bytestream):
+            return
     try:
         pdu, event = self._decode_pdu(bytestream)
         self.event_queue.put(event)
@@ -361,10 +236,6 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
         self.event_queue.put("Evt19")
         return
     self._recv_pdu.put(pdu)
-
-
-#: A presentation data value item's header: item length, context ID, message control header.
-_PDV_HEADER = struct.Struct(">LBB")
 
 
 def _write_data_fragments(dul: DULServiceProvider, pdu: bytearray) -> bool:
@@ -391,22 +262,12 @@ def _write_data_fragments(dul: DULServiceProvider, pdu: bytearray) -> bool:
     if assoc.get_handlers(evt.EVT_PDU_RECV) or assoc.get_handlers(evt.EVT_DATA_RECV):
         return False
     context_id = getattr(message, "context_id", None)
-    fragments: list[tuple[int, int]] = []
-    offset, end = 6, len(pdu)
-    while offset < end:
-        if end - offset < _PDV_HEADER.size:
-            return False
-        length, item_context, control = _PDV_HEADER.unpack_from(pdu, offset)
-        stop = offset + 4 + length
-        if length < 2 or stop > end or item_context != context_id or control & 0x03:
-            return False
-        fragments.append((offset + _PDV_HEADER.size, stop))
-        offset = stop
-    if not fragments:
+    items = pdv_items(pdu)
+    if items is None or any(i.context_id != context_id or i.control & (COMMAND | LAST) for i in items):
         return False
     with memoryview(pdu) as view:
-        for start, stop in fragments:
-            target.write(view[start:stop])
+        for item in items:
+            target.write(view[item.start : item.stop])
     return True
 
 
@@ -581,6 +442,12 @@ class Receiver:
             event.assoc.acse = _PolicyACSE(
                 event.assoc, self.permits, self.ae_known, assoc_id, self.events
             )
+            serve_stores(event.assoc, self._store_direct, self.spool.incoming)
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        stores = direct_stores(event.assoc.dul)
+        if stores is not None:
+            stores.discard()
 
     def _on_accepted(self, event: evt.Event) -> None:
         self.events.record_association_accepted()
@@ -601,18 +468,43 @@ class Receiver:
         return STATUS_SUCCESS
 
     def _on_store(self, event: evt.Event) -> int:
+        """EVT_C_STORE handler, for the requests pynetdicom serves itself (see :mod:`gateway.cstore`)."""
+        request = cast(C_STORE, event.request)
+        spooled = getattr(request, "_dataset_file", None)
+        return self._store(
+            event.assoc,
+            str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID),
+            str(event.context.transfer_syntax),
+            Path(event.dataset_path),
+            spooled if isinstance(spooled, ReceivedFile) else None,
+        )
+
+    def _store_direct(self, assoc: Association, request: StoreRequest, received: ReceivedFile) -> int:
+        """The handler of :mod:`gateway.cstore`'s requests."""
+        return self._store(
+            assoc, request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax,
+            Path(received.name), received,
+        )  # fmt: skip
+
+    def _store(
+        self,
+        assoc: Association,
+        sop_class_uid: str,
+        instance_uid: str,
+        transfer_syntax: str,
+        received: Path,
+        spooled: ReceivedFile | None,
+    ) -> int:
         """Admit one instance to the spool; the status tells the sender what happened."""
-        calling = str(event.assoc.requestor.ae_title).strip()
-        sop_class_uid = str(event.request.AffectedSOPClassUID)
-        received = Path(event.dataset_path)
-        assoc_id = self.assoc_id(event.assoc)
+        calling = str(assoc.requestor.ae_title).strip()
+        assoc_id = self.assoc_id(assoc)
         refused = partial(self._refused, self.events, assoc_id, calling, sop_class_uid)
         started = time.monotonic()
         try:
-            spooled = getattr(event.request, "_dataset_file", None)
-            if isinstance(spooled, ReceivedFile):
+            if spooled is not None:
                 spooled.finish_writeback()
-            if isinstance(spooled, ReceivedFile) and spooled.error is not None:
+            if spooled is not None and spooled.error is not None:
                 received.unlink(missing_ok=True)
                 full = spooled.error.errno in (errno.ENOSPC, errno.EDQUOT)
                 refused("spool-full" if full else "spool-write-failed", STATUS_OUT_OF_RESOURCES,
@@ -628,9 +520,7 @@ class Receiver:
                 received.unlink(missing_ok=True)
                 refused("no-route", STATUS_NOT_AUTHORIZED)
                 return STATUS_NOT_AUTHORIZED
-            request = cast(C_STORE, event.request)
             key = header_key(received)
-            instance_uid = str(request.AffectedSOPInstanceUID)
             if _contradicts_request(received, key, sop_class_uid, instance_uid):
                 received.unlink(missing_ok=True)
                 refused("data-set-mismatch", STATUS_DATA_SET_MISMATCH)
@@ -642,7 +532,7 @@ class Receiver:
             info = EntryInfo(
                 calling_ae_title=calling,
                 sop_class_uid=sop_class_uid,
-                transfer_syntax_uid=str(event.context.transfer_syntax),
+                transfer_syntax_uid=transfer_syntax,
                 route=route.name,
                 size=size,
                 assoc_id=assoc_id,
@@ -700,6 +590,7 @@ class Receiver:
         """Start listening in the background; return the bound address."""
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),

@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pynetdicom import evt
 
-from gateway.receive import ReceivedFile, _write_data_fragments
+from gateway.receive import _write_data_fragments
+from gateway.received_file import ReceivedFile
 
 #: Message control headers (PS3.8 E.2): data not last, data last, command not last, command last.
 DATA, DATA_LAST, COMMAND, COMMAND_LAST = 0x00, 0x02, 0x01, 0x03

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import gateway.receive as receive
-from gateway.receive import ReceivedFile
+import gateway.received_file as received_file
+from gateway.received_file import ReceivedFile
 
 STEP = 4096
 
@@ -20,15 +20,15 @@ STEP = 4096
 @pytest.fixture
 def flushes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Small steps, and a record of the sizes the helper flushes saw."""
-    monkeypatch.setattr(receive, "WRITEBACK_STEP", STEP)
+    monkeypatch.setattr(received_file, "WRITEBACK_STEP", STEP)
     seen: list[int] = []
-    real = receive._flush_and_close
+    real = received_file._flush_and_close
 
     def flush(fd: int) -> None:
         seen.append(os.fstat(fd).st_size)
         real(fd)
 
-    monkeypatch.setattr(receive, "_flush_and_close", flush)
+    monkeypatch.setattr(received_file, "_flush_and_close", flush)
     return seen
 
 
@@ -50,7 +50,7 @@ def test_a_failed_flush_fails_the_file(tmp_path: Path, flushes: list[int],
         os.close(fd)
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(receive, "_flush_and_close", broken)
+    monkeypatch.setattr(received_file, "_flush_and_close", broken)
     received = ReceivedFile(tmp_path, delete=False, mode="wb", suffix=".dcm")
     received.write(b"x" * (STEP + 1))
     received.finish_writeback()
@@ -62,7 +62,7 @@ def test_a_failed_flush_fails_the_file(tmp_path: Path, flushes: list[int],
 def test_the_flush_has_a_descriptor_of_its_own(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The file may be closed (an aborted association) while its flush runs."""
-    monkeypatch.setattr(receive, "WRITEBACK_STEP", STEP)
+    monkeypatch.setattr(received_file, "WRITEBACK_STEP", STEP)
     release = threading.Event()
     done: list[int] = []
 
@@ -72,7 +72,7 @@ def test_the_flush_has_a_descriptor_of_its_own(tmp_path: Path,
         os.close(fd)
         done.append(fd)
 
-    monkeypatch.setattr(receive, "_flush_and_close", slow)
+    monkeypatch.setattr(received_file, "_flush_and_close", slow)
     received = ReceivedFile(tmp_path, delete=False, mode="wb", suffix=".dcm")
     received.write(b"y" * (STEP + 1))
     received.close()

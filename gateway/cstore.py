@@ -1,0 +1,360 @@
+"""C-STORE requests served by the thread that reads their PDUs.
+
+pynetdicom serves a C-STORE request in four hand-offs: its DUL thread turns
+each received PDU into objects and runs the state machine, the DIMSE
+provider assembles the message and decodes the command set with pydicom, the
+association's thread takes the message from a queue and calls the handler,
+and the response, encoded with pydicom, goes back to the DUL thread through
+another queue. For the small instances of a study that is most of the
+receiving process's CPU, and the sender waits for all of it before it sends
+the next instance.
+
+On an association marked with :func:`serve_stores`, the DUL thread serves a
+C-STORE request itself, from the PDU that carries its command set: it
+decodes the command (implicit VR little endian, a handful of elements),
+writes the File Meta Information and the data set fragments into a
+:class:`~gateway.received_file.ReceivedFile` exactly as pynetdicom's chunked
+receive would, calls the handler once the last fragment is in, and writes
+the C-STORE response (the one pynetdicom would write, byte for byte).
+
+Everything else takes pynetdicom's own path, unchanged: another command
+(C-ECHO), a command set that does not fit in one PDU or holds an element a
+C-STORE request does not have, a presentation context that was not accepted
+or has another abstract syntax, a UID that is not one, a PDU read while
+pynetdicom has a message or an event in hand, an association that is being
+released, handlers bound to PDU, data or DIMSE events.
+
+Once a request is taken here, every P-DATA PDU up to its last data set
+fragment must continue that data set (fragments on its presentation
+context). Anything else breaks PS3.8's rules for a message: the file is
+deleted and the association aborted, as pynetdicom aborts on a PDU it cannot
+take (Evt19). A connection that ends mid data set has its file deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.uid import UID
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
+from pynetdicom.utils import validate_uid
+
+from gateway.pdu import COMMAND, LAST, P_DATA_TF_TYPE, PDU_HEADER, PDV_HEADER, Item, pdv_items
+from gateway.received_file import ReceivedFile
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRequest:
+    """A C-STORE request as the handler needs it."""
+
+    context_id: int
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    #: The accepted transfer syntax of the presentation context.
+    transfer_syntax: str
+
+
+#: Admits the received file; returns the C-STORE status. Called in the DUL
+#: thread with the file still open, which is closed and deleted (if the
+#: handler did not move it) afterwards, as pynetdicom does.
+StoreHandler = Callable[[Association, StoreRequest, ReceivedFile], int]
+
+#: Status when the handler raised (pynetdicom's: Cannot Understand).
+STATUS_HANDLER_FAILED = 0xC211
+
+_ATTRIBUTE = "_gateway_direct_stores"
+#: Handlers that must see what pynetdicom's path does; bound, they keep it.
+_WATCHING_EVENTS = (
+    evt.EVT_PDU_RECV, evt.EVT_DATA_RECV, evt.EVT_DIMSE_RECV,
+    evt.EVT_PDU_SENT, evt.EVT_DATA_SENT, evt.EVT_DIMSE_SENT,
+)  # fmt: skip
+
+# Command set elements (group 0000, implicit VR little endian).
+_ELEMENT = struct.Struct("<HHL")
+_US = struct.Struct("<H")
+_AFFECTED_SOP_CLASS = 0x0002
+_COMMAND_FIELD = 0x0100
+_MESSAGE_ID = 0x0110
+_MESSAGE_ID_RESPONDED_TO = 0x0120
+_PRIORITY = 0x0700
+_DATA_SET_TYPE = 0x0800
+_STATUS = 0x0900
+_AFFECTED_SOP_INSTANCE = 0x1000
+_MOVE_ORIGINATOR_AE = 0x1030
+_MOVE_ORIGINATOR_ID = 0x1031
+_C_STORE_RQ = 0x0001
+_C_STORE_RSP = 0x8001
+_NO_DATA_SET = 0x0101
+_REQUEST_ELEMENTS = frozenset(
+    {0x0000, _AFFECTED_SOP_CLASS, _COMMAND_FIELD, _MESSAGE_ID, _PRIORITY, _DATA_SET_TYPE,
+     _AFFECTED_SOP_INSTANCE, _MOVE_ORIGINATOR_AE, _MOVE_ORIGINATOR_ID}
+)  # fmt: skip
+_US_ELEMENTS = (_COMMAND_FIELD, _MESSAGE_ID, _PRIORITY, _DATA_SET_TYPE)
+
+
+def serve_stores(assoc: Association, handler: StoreHandler, incoming: Path) -> DirectStores:
+    """Serve the C-STORE requests of ``assoc`` in its DUL thread (see the module);
+    received files are written to ``incoming``."""
+    stores = DirectStores(assoc, handler, incoming)
+    setattr(assoc.dul, _ATTRIBUTE, stores)
+    return stores
+
+
+def direct_stores(dul: DULServiceProvider) -> DirectStores | None:
+    """The direct C-STORE service of an association, if it has one."""
+    stores = getattr(dul, _ATTRIBUTE, None)
+    return stores if isinstance(stores, DirectStores) else None
+
+
+_UID_PADDING = b"\0 "
+
+
+def decode_store_request(command: bytes) -> dict[int, int | str] | None:
+    """The elements of a C-STORE request command set, or None when it is not
+    one this module serves (see the module): another command, no data set,
+    an element a C-STORE request does not have, a length that does not add
+    up, a UID that is not valid."""
+    values: dict[int, int | str] = {}
+    offset, end = 0, len(command)
+    while offset < end:
+        if end - offset < _ELEMENT.size:
+            return None
+        group, element, length = _ELEMENT.unpack_from(command, offset)
+        offset += _ELEMENT.size
+        value = command[offset : offset + length]
+        offset += length
+        if group != 0 or element not in _REQUEST_ELEMENTS or len(value) != length or element in values:
+            return None
+        if element in _US_ELEMENTS:
+            if length != 2:
+                return None
+            values[element] = _US.unpack(value)[0]
+        elif element in (_AFFECTED_SOP_CLASS, _AFFECTED_SOP_INSTANCE):
+            try:
+                uid = value.rstrip(_UID_PADDING).decode("ascii")
+            except UnicodeDecodeError:
+                return None
+            if not validate_uid(UID(uid)):
+                return None
+            values[element] = uid
+    if values.get(_COMMAND_FIELD) != _C_STORE_RQ or values.get(_DATA_SET_TYPE, _NO_DATA_SET) == _NO_DATA_SET:
+        return None
+    if not all(element in values for element in (_MESSAGE_ID, _AFFECTED_SOP_CLASS, _AFFECTED_SOP_INSTANCE)):
+        return None
+    return values
+
+
+def _ui(value: str) -> bytes:
+    data = value.encode("ascii")
+    return data + b"\0" if len(data) % 2 else data
+
+
+def encode_store_response(request: StoreRequest, status: int) -> bytes:
+    """The C-STORE response command set, as pynetdicom encodes it."""
+    elements = (
+        (_AFFECTED_SOP_CLASS, _ui(request.sop_class_uid)),
+        (_COMMAND_FIELD, _US.pack(_C_STORE_RSP)),
+        (_MESSAGE_ID_RESPONDED_TO, _US.pack(request.message_id)),
+        (_DATA_SET_TYPE, _US.pack(_NO_DATA_SET)),
+        (_STATUS, _US.pack(status)),
+        (_AFFECTED_SOP_INSTANCE, _ui(request.sop_instance_uid)),
+    )
+    body = b"".join(_ELEMENT.pack(0, element, len(value)) + value for element, value in elements)
+    return _ELEMENT.pack(0, 0, 4) + struct.pack("<L", len(body)) + body
+
+
+def command_pdu(context_id: int, command: bytes) -> bytes:
+    """A P-DATA-TF PDU holding a whole command set in one item."""
+    item = PDV_HEADER.pack(len(command) + 2, context_id, COMMAND | LAST) + command
+    return PDU_HEADER.pack(P_DATA_TF_TYPE, 0, len(item)) + item
+
+
+_META_ELEMENT = struct.Struct("<HH2sH")
+_META_LONG_ELEMENT = struct.Struct("<HH2sHL")
+
+
+def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information pynetdicom writes
+    before a received data set (:func:`pynetdicom.dsutils.create_file_meta`
+    written by pydicom), byte for byte."""
+    version = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
+    if len(version) % 2:
+        version += b" "
+    body = _META_LONG_ELEMENT.pack(2, 0x0001, b"OB", 0, 2) + b"\0\x01" + b"".join(
+        _META_ELEMENT.pack(2, element, vr, len(value)) + value
+        for element, vr, value in (
+            (0x0002, b"UI", _ui(sop_class_uid)),
+            (0x0003, b"UI", _ui(sop_instance_uid)),
+            (0x0010, b"UI", _ui(transfer_syntax)),
+            (0x0012, b"UI", _ui(PYNETDICOM_IMPLEMENTATION_UID)),
+            (0x0013, b"SH", version),
+        )
+    )
+    group_length = _META_ELEMENT.pack(2, 0x0000, b"UL", 4) + struct.pack("<L", len(body))
+    return b"\0" * 128 + b"DICM" + group_length + body
+
+
+_VALID_DUL_STATE = "Sta6"
+
+
+class DirectStores:
+    """Serves the C-STORE requests of one association in its DUL thread (see the module)."""
+
+    def __init__(self, assoc: Association, handler: StoreHandler, incoming: Path) -> None:
+        self._assoc = assoc
+        self._handler = handler
+        self._incoming = incoming
+        self._request: StoreRequest | None = None
+        self._file: ReceivedFile | None = None
+        #: :meth:`discard` may run in another thread than the DUL's.
+        self._lock = threading.Lock()
+        self._closed = False
+        #: Requests served here (for tests and the curious).
+        self.served = 0
+
+    def take(self, dul: DULServiceProvider, pdu: bytearray) -> bool:
+        """Serve a received P-DATA-TF PDU (header included) here; False leaves
+        it to pynetdicom, untouched."""
+        with self._lock:
+            if self._closed:
+                return False
+            if self._request is None:
+                return self._begin(dul, pdu)
+            self._continue(dul, pdu)
+            return True
+
+    def discard(self) -> None:
+        """The connection ended: delete a data set still being received."""
+        with self._lock:
+            self._closed = True
+            self._drop()
+
+    def _drop(self) -> None:
+        received, self._file, self._request = self._file, None, None
+        if received is not None:
+            _close_and_delete(received)
+
+    def _pynetdicom_idle(self, dul: DULServiceProvider) -> bool:
+        assoc = self._assoc
+        return (
+            dul.state_machine.current_state == _VALID_DUL_STATE
+            and not dul.event_queue.qsize()
+            and not dul._recv_pdu.qsize()
+            and assoc.dimse.message is None
+            and assoc.is_established
+            and not assoc._sent_release
+            and not any(assoc.get_handlers(event) for event in _WATCHING_EVENTS)
+        )
+
+    def _begin(self, dul: DULServiceProvider, pdu: bytearray) -> bool:
+        items = pdv_items(pdu)
+        if items is None or not items[0].control & COMMAND or not self._pynetdicom_idle(dul):
+            return False
+        context_id = items[0].context_id
+        command = bytearray()
+        for index, item in enumerate(items):
+            if item.context_id != context_id or not item.control & COMMAND:
+                return False
+            command += pdu[item.start : item.stop]
+            if item.control & LAST:
+                data = items[index + 1 :]
+                break
+        else:
+            return False  # the command set goes on in another PDU
+        if not self._data_items_fit(data, context_id):
+            return False
+        request = self._request_of(context_id, bytes(command))
+        if request is None:
+            return False
+        try:
+            received = ReceivedFile(self._incoming, delete=False, mode="wb", suffix=".dcm")
+        except OSError:
+            return False  # pynetdicom's path meets the same error and says so
+        received.write(file_meta(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax))
+        self._request, self._file = request, received
+        self._write(dul, pdu, data)
+        return True
+
+    @staticmethod
+    def _data_items_fit(items: list[Item], context_id: int) -> bool:
+        """Data set fragments on ``context_id``, the last one (if any) last."""
+        for index, item in enumerate(items):
+            if item.context_id != context_id or item.control & COMMAND:
+                return False
+            if item.control & LAST and index != len(items) - 1:
+                return False
+        return True
+
+    def _request_of(self, context_id: int, command: bytes) -> StoreRequest | None:
+        values = decode_store_request(command)
+        if values is None:
+            return None
+        context = self._assoc._accepted_cx.get(context_id)
+        sop_class_uid = str(values[_AFFECTED_SOP_CLASS])
+        if context is None or context.abstract_syntax != sop_class_uid or not context.transfer_syntax:
+            return None
+        if uid_to_service_class(sop_class_uid) is not StorageServiceClass:
+            return None
+        request = StoreRequest(
+            context_id=context_id,
+            message_id=int(values[_MESSAGE_ID]),
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=str(values[_AFFECTED_SOP_INSTANCE]),
+            transfer_syntax=str(context.transfer_syntax[0]),
+        )
+        peer_maximum = self._assoc.requestor.maximum_length or 0
+        if peer_maximum and peer_maximum < len(command_pdu(context_id, encode_store_response(request, 0))):
+            return None
+        return request
+
+    def _continue(self, dul: DULServiceProvider, pdu: bytearray) -> None:
+        request = self._request
+        assert request is not None
+        items = pdv_items(pdu)
+        if items is None or not self._data_items_fit(items, request.context_id):
+            self._drop()
+            dul.event_queue.put("Evt19")  # pynetdicom aborts the association
+            return
+        self._write(dul, pdu, items)
+
+    def _write(self, dul: DULServiceProvider, pdu: bytearray, items: list[Item]) -> None:
+        received = self._file
+        assert received is not None
+        with memoryview(pdu) as view:
+            for item in items:
+                received.write(view[item.start : item.stop])
+        if items and items[-1].control & LAST:
+            self._finish(dul)
+
+    def _finish(self, dul: DULServiceProvider) -> None:
+        request, received = self._request, self._file
+        assert request is not None and received is not None
+        self._request, self._file = None, None
+        try:
+            status = self._handler(self._assoc, request, received)
+        except Exception:  # the handler answers for its own errors; this is a last resort
+            status = STATUS_HANDLER_FAILED
+        finally:  # as pynetdicom: the handler moved the file unless it refused it
+            _close_and_delete(received)
+        self.served += 1
+        transport: Any = dul.socket
+        if dul.state_machine.current_state == _VALID_DUL_STATE and self._assoc.is_established and transport:
+            transport.send(command_pdu(request.context_id, encode_store_response(request, status)))
+
+
+
+def _close_and_delete(received: ReceivedFile) -> None:
+    received.close()
+    with contextlib.suppress(OSError):
+        Path(received.name).unlink(missing_ok=True)

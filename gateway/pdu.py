@@ -1,0 +1,44 @@
+"""Byte layouts of the upper-layer PDUs the gateway reads or writes itself (PS3.8 9.3)."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+#: A PDU's header: type, reserved, length of what follows.
+PDU_HEADER = struct.Struct(">BBL")
+P_DATA_TF_TYPE = 0x04
+#: A presentation data value item's header: item length, context ID, message control header.
+PDV_HEADER = struct.Struct(">LBB")
+#: Message control header bits: a command fragment (else data set), the last fragment.
+COMMAND = 0x01
+LAST = 0x02
+
+
+@dataclass(slots=True)
+class Item:
+    """One presentation data value item of a P-DATA-TF PDU: where its data is."""
+
+    context_id: int
+    #: The message control header.
+    control: int
+    #: The item's data (after the control header) is ``pdu[start:stop]``.
+    start: int
+    stop: int
+
+
+def pdv_items(pdu: bytes | bytearray) -> list[Item] | None:
+    """The items of a P-DATA-TF PDU (header included), or None when they do
+    not add up to the PDU exactly or one is empty."""
+    items = []
+    offset, end = PDU_HEADER.size, len(pdu)
+    while offset < end:
+        if end - offset < PDV_HEADER.size:
+            return None
+        length, context_id, control = PDV_HEADER.unpack_from(pdu, offset)
+        stop = offset + 4 + length
+        if length < 2 or stop > end:
+            return None
+        items.append(Item(context_id, control, offset + PDV_HEADER.size, stop))
+        offset = stop
+    return items or None
