@@ -115,10 +115,15 @@ def write_json_atomic(path: Path, data: object) -> None:
 def write_json_new(path: Path, data: object) -> None:
     """Write ``data`` to a new owner-only file and fsync it (its directory is
     not yet visible, so no temporary name is needed)."""
-    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    payload = json.dumps(data).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_state(entry: Path) -> EntryState:
@@ -243,7 +248,7 @@ class Spool:
             move(received, staging / INSTANCE)
             flushed = _flushing.submit(fsync_file, staging / INSTANCE)
             try:
-                write_json_new(staging / ENTRY, asdict(info))
+                write_json_new(staging / ENTRY, vars(info))  # flat: no deep copy needed
             finally:
                 flushed.result()  # raises what the fsync raised
             fsync_dir(staging)
