@@ -18,7 +18,6 @@ import os
 import queue
 import shutil
 import ssl
-import struct
 import sys
 import threading
 import time
@@ -32,8 +31,6 @@ from typing import Any, Protocol
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 from pynetdicom import AE, build_context, evt
-from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.pdu_primitives import P_DATA
 from structlog.typing import FilteringBoundLogger
 
 from gateway import metrics
@@ -44,10 +41,11 @@ from gateway.deid.profile import Profile
 from gateway.deid.report import DeidReport, Outcome
 from gateway.health import writable_directory_check
 from gateway.logs import association_logger, get_logger, instance_logger
-from gateway.pdu import P_DATA_TF_TYPE, PDU_HEADER
+from gateway.pdu import set_pdata_reader
 from gateway.quarantine import Quarantine, Reason
 from gateway.receive import set_nodelay
 from gateway.spool import EntryInfo, Spool, fsync_dir
+from gateway.store_scu import DirectPData, ResponseReader, send_store
 
 
 def _log() -> FilteringBoundLogger:
@@ -202,86 +200,6 @@ def lower_thread_priority(increment: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
 
 
-#: A presentation data value item's header as written: length, context ID.
-_PDV_HEADER = struct.Struct(">LB")
-
-
-class DirectPData:
-    """Writes the association's P-DATA PDUs from the sending thread itself.
-
-    pynetdicom queues every P-DATA primitive to its DUL thread, which turns
-    it into a PDU object, runs the state machine (in Sta6 a P-DATA request
-    leads back to Sta6) and copies it once more onto the socket: for a
-    whole-slide image sent to an archive that takes 128 KiB PDUs, thousands
-    of hand-offs between two threads per instance. Here a P-DATA primitive
-    is encoded and written by the thread that sends the C-STORE, in order,
-    and the socket's own blocking is the back-pressure.
-
-    Only while nothing else can be on the wire in between: the association
-    established (Sta6), every P-DATA queued earlier already written by the
-    DUL thread, no TLS (an SSL connection must not be used by two threads at
-    once), no handler bound to PDU events. Otherwise the primitive takes
-    pynetdicom's queue. PDUs the DUL thread writes (an A-ABORT, a release)
-    take the same lock, so two PDUs never interleave on the wire.
-    """
-
-    def __init__(self, assoc: Any) -> None:
-        self._assoc = assoc
-        self._dul = assoc.dul
-        self._lock = threading.Lock()
-        self._queued = 0
-        self._written = 0
-        self._queue_pdu = self._dul.send_pdu
-        self._write_pdu = self._dul._send
-        self._dul.send_pdu = self.send_pdu
-        self._dul._send = self._locked_send
-        #: P-DATA PDUs written from the sending thread (for tests and the curious).
-        self.direct = 0
-
-    def _locked_send(self, pdu: Any) -> None:
-        """The DUL thread's write of a PDU, under the lock."""
-        with self._lock:
-            self._write_pdu(pdu)
-            if isinstance(pdu, P_DATA_TF):
-                self._written += 1
-
-    def _can_write(self) -> bool:
-        dul = self._dul
-        transport = dul.socket
-        return (
-            dul.state_machine.current_state == "Sta6"
-            and self._queued == self._written
-            and transport is not None
-            and transport.socket is not None
-            and not isinstance(transport.socket, ssl.SSLSocket)
-            and not self._assoc.get_handlers(evt.EVT_PDU_SENT)
-            and not self._assoc.get_handlers(evt.EVT_DATA_SENT)
-        )
-
-    def send_pdu(self, primitive: Any) -> None:
-        """``DULServiceProvider.send_pdu`` for this association (see the class)."""
-        if not isinstance(primitive, P_DATA):
-            self._queue_pdu(primitive)
-            return
-        with self._lock:
-            if not self._can_write():
-                self._queued += 1
-                direct = False
-            else:
-                pieces: list[bytes] = [b""]
-                for context_id, data in primitive.presentation_data_value_list:
-                    pieces.append(_PDV_HEADER.pack(len(data) + 1, context_id))
-                    pieces.append(data)
-                length = sum(len(piece) for piece in pieces)
-                pieces[0] = PDU_HEADER.pack(P_DATA_TF_TYPE, 0, length)
-                # Raises OSError when the connection is gone: the C-STORE fails.
-                self._dul.socket.socket.sendall(b"".join(pieces))
-                self.direct += 1
-                direct = True
-        if not direct:
-            self._queue_pdu(primitive)
-
-
 def _client_ssl(dest: DicomDestination) -> tuple[ssl.SSLContext, str] | None:
     if dest.tls is None:
         return None
@@ -311,8 +229,10 @@ class DicomLink:
         self.ae.dimse_timeout = 300
         self.ae.network_timeout = 300
         self.assoc: Any = None
-        #: How the open association's P-DATA is written.
+        #: How the open association's P-DATA is written, and its responses read.
         self.pdata: DirectPData | None = None
+        self.reader: ResponseReader | None = None
+        self._message_ids = itertools.cycle(range(1, 0x10000))
         self.wanted: dict[tuple[str, str], None] = {}
         self.last_used = time.monotonic()
         self.lock = threading.Lock()
@@ -340,12 +260,17 @@ class DicomLink:
             raise SendError(f"association {state}")
         _limit_send_queue(self.assoc)
         self.pdata = DirectPData(self.assoc)
+        self.reader = ResponseReader(self.assoc)
+        set_pdata_reader(self.assoc.dul, self.reader)
 
     def _store(self, path: Path) -> Any:
         """C-STORE over the open association; a connection that fails while
         the PDUs are written aborts it (no response will come)."""
         try:
-            return self.assoc.send_c_store(path)
+            status = None
+            if self.pdata is not None and self.reader is not None:
+                status = send_store(self.assoc, self.pdata, self.reader, path, next(self._message_ids))
+            return status if status is not None else self.assoc.send_c_store(path)
         except OSError:
             self.assoc.abort()
             self.assoc = None

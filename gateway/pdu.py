@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pynetdicom import evt
 
 #: A PDU's header: type, reserved, length of what follows.
 PDU_HEADER = struct.Struct(">BBL")
 P_DATA_TF_TYPE = 0x04
 #: A presentation data value item's header: item length, context ID, message control header.
 PDV_HEADER = struct.Struct(">LBB")
+#: Handlers that must see what pynetdicom's own path does: bound to an
+#: association, they keep its PDUs on that path.
+WATCHING_EVENTS = (
+    evt.EVT_PDU_RECV, evt.EVT_DATA_RECV, evt.EVT_DIMSE_RECV,
+    evt.EVT_PDU_SENT, evt.EVT_DATA_SENT, evt.EVT_DIMSE_SENT,
+)  # fmt: skip
 #: Message control header bits: a command fragment (else data set), the last fragment.
 COMMAND = 0x01
 LAST = 0x02
@@ -42,3 +51,27 @@ def pdv_items(pdu: bytes | bytearray) -> list[Item] | None:
         items.append(Item(context_id, control, offset + PDV_HEADER.size, stop))
         offset = stop
     return items or None
+
+
+class PDataReader(Protocol):
+    """Takes received P-DATA-TF PDUs before pynetdicom does (see
+    :func:`gateway.receive.configure_pynetdicom`)."""
+
+    def take(self, dul: Any, pdu: bytearray) -> bool:
+        """Handle ``pdu`` (header included) in the DUL thread; False leaves it
+        to pynetdicom, untouched."""
+        ...
+
+
+_READER = "_gateway_pdata_reader"
+
+
+def set_pdata_reader(dul: Any, reader: PDataReader) -> None:
+    """Give the association of ``dul`` a reader of its received P-DATA PDUs."""
+    setattr(dul, _READER, reader)
+
+
+def pdata_reader(dul: Any) -> PDataReader | None:
+    """The reader of received P-DATA PDUs of ``dul``'s association, if any."""
+    reader: PDataReader | None = getattr(dul, _READER, None)
+    return reader

@@ -35,12 +35,12 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway import metrics, wakeups
 from gateway.config import Config
-from gateway.cstore import StoreRequest, direct_stores, serve_stores
 from gateway.deid.headerkey import CheckedHeaders, HeaderKey, header_key
 from gateway.logs import get_logger
-from gateway.pdu import COMMAND, LAST, P_DATA_TF_TYPE, PDU_HEADER, pdv_items
+from gateway.pdu import COMMAND, LAST, P_DATA_TF_TYPE, PDU_HEADER, pdata_reader, pdv_items
 from gateway.received_file import ReceivedFile
 from gateway.spool import EntryInfo, Spool, SpoolFullError
+from gateway.store_scp import StoreRequest, direct_stores, serve_stores
 
 
 def _log() -> FilteringBoundLogger:
@@ -222,8 +222,8 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
         self.event_queue.put("Evt17")
         return
     if pdu_type == P_DATA_TF_TYPE:
-        stores = direct_stores(self)
-        if stores is not None and stores.take(self, bytestream):
+        reader = pdata_reader(self)
+        if reader is not None and reader.take(self, bytestream):
             return
         if _write_data_fragments(self, bytestream):
             return
@@ -468,7 +468,7 @@ class Receiver:
         return STATUS_SUCCESS
 
     def _on_store(self, event: evt.Event) -> int:
-        """EVT_C_STORE handler, for the requests pynetdicom serves itself (see :mod:`gateway.cstore`)."""
+        """EVT_C_STORE handler, for the requests pynetdicom serves itself (see :mod:`gateway.store_scp`)."""
         request = cast(C_STORE, event.request)
         spooled = getattr(request, "_dataset_file", None)
         return self._store(
@@ -481,7 +481,7 @@ class Receiver:
         )
 
     def _store_direct(self, assoc: Association, request: StoreRequest, received: ReceivedFile) -> int:
-        """The handler of :mod:`gateway.cstore`'s requests."""
+        """The handler of :mod:`gateway.store_scp`'s requests."""
         return self._store(
             assoc, request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax,
             Path(received.name), received,

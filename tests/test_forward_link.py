@@ -15,14 +15,9 @@ import pytest
 
 from gateway.config import DicomDestination
 from gateway.deid.stream import _file_meta_end
-from gateway.forward import (
-    FORWARD_NICE,
-    DicomLink,
-    DirectPData,
-    SendError,
-    lower_thread_priority,
-)
+from gateway.forward import FORWARD_NICE, DicomLink, SendError, lower_thread_priority
 from gateway.receive import configure_pynetdicom
+from gateway.store_scu import DirectPData
 from gateway.synthetic import write_large_volume
 from tests.peers import Storescp
 
@@ -68,8 +63,10 @@ def test_an_instance_of_many_pdus_arrives_bit_for_bit(volume: Path, archive: Sto
             assert link.send(volume, *_sop_class_and_syntax(volume)) == 0x0000
         writer = link.pdata
         assert writer is not None
-        # storescp takes 128 KiB PDUs: every one of them written by the sender
+        # storescp takes 128 KiB PDUs: every one of them written by the sender,
+        # and both responses read by the link's own reader
         assert writer.direct >= 2 * VOLUME_BYTES // 131072
+        assert link.reader is not None and link.reader.read == 2
     finally:
         link.close()
     stored = archive.files()
@@ -88,16 +85,24 @@ def _sent_once_then_failing(
     writer = link.pdata
     assert writer is not None
     sent_before = writer.direct
-    original = link.assoc.dul.send_pdu
+    queue_pdu, write = link.assoc.dul.send_pdu, writer.write
     struck: list[bool] = []
 
-    def send_pdu(primitive: object) -> None:
+    def strike() -> None:
         if writer.direct == sent_before + 4 and not struck:
             struck.append(True)  # once: the abort that follows goes through here too
             failure(link)
-        original(primitive)
+
+    def send_pdu(primitive: object) -> None:  # pynetdicom's path
+        strike()
+        queue_pdu(primitive)
+
+    def write_pdu(pdu: bytes) -> bool:  # the sender's own
+        strike()
+        return write(pdu)
 
     link.assoc.dul.send_pdu = send_pdu
+    writer.write = write_pdu  # type: ignore[method-assign]
     return link, writer, sent_before
 
 

@@ -1,4 +1,4 @@
-"""C-STORE requests served in the DUL thread (gateway.cstore).
+"""C-STORE requests served in the DUL thread (gateway.store_scp).
 
 The encodings are checked against pynetdicom's and pydicom's own, for any
 UIDs and numbers; the service is checked on real associations: dcmtk's
@@ -32,17 +32,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     VLWholeSlideMicroscopyImageStorage,
 )
 
-from gateway.cstore import (
-    StoreRequest,
-    command_pdu,
-    decode_store_request,
-    direct_stores,
-    encode_store_response,
-    file_meta,
-    serve_stores,
-)
+from gateway.dimse import command_pdu, decode_store_request, encode_store_response, file_meta
 from gateway.receive import configure_receiving, set_nodelay
 from gateway.received_file import ReceivedFile
+from gateway.store_scp import StoreRequest, direct_stores, serve_stores
 from gateway.synthetic import PlantedPHI, write_secondary_capture
 from tests.peers import free_port, storescu
 
@@ -111,8 +104,8 @@ def test_the_response_is_the_one_pynetdicom_writes(
     pdata = next(iter(message.encode_msg(context_id, 0)))
     expected = P_DATA_TF()
     expected.from_primitive(pdata)
-    request = StoreRequest(context_id, message_id, sop_class, sop_instance, ExplicitVRLittleEndian)
-    assert command_pdu(context_id, encode_store_response(request, status)) == expected.encode()
+    command = encode_store_response(message_id, sop_class, sop_instance, status)
+    assert command_pdu(context_id, command) == expected.encode()
 
 
 @settings(max_examples=200, deadline=None)

@@ -34,22 +34,27 @@ take (Evt19). A connection that ends mid data set has its file deleted.
 from __future__ import annotations
 
 import contextlib
-import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom.uid import UID
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
-from pynetdicom.utils import validate_uid
 
-from gateway.pdu import COMMAND, LAST, P_DATA_TF_TYPE, PDU_HEADER, PDV_HEADER, Item, pdv_items
+from gateway.dimse import (
+    AFFECTED_SOP_CLASS,
+    AFFECTED_SOP_INSTANCE,
+    MESSAGE_ID,
+    command_pdu,
+    decode_store_request,
+    encode_store_response,
+    file_meta,
+)
+from gateway.pdu import COMMAND, LAST, WATCHING_EVENTS, Item, pdata_reader, pdv_items, set_pdata_reader
 from gateway.received_file import ReceivedFile
 
 
@@ -73,136 +78,19 @@ StoreHandler = Callable[[Association, StoreRequest, ReceivedFile], int]
 #: Status when the handler raised (pynetdicom's: Cannot Understand).
 STATUS_HANDLER_FAILED = 0xC211
 
-_ATTRIBUTE = "_gateway_direct_stores"
-#: Handlers that must see what pynetdicom's path does; bound, they keep it.
-_WATCHING_EVENTS = (
-    evt.EVT_PDU_RECV, evt.EVT_DATA_RECV, evt.EVT_DIMSE_RECV,
-    evt.EVT_PDU_SENT, evt.EVT_DATA_SENT, evt.EVT_DIMSE_SENT,
-)  # fmt: skip
-
-# Command set elements (group 0000, implicit VR little endian).
-_ELEMENT = struct.Struct("<HHL")
-_US = struct.Struct("<H")
-_AFFECTED_SOP_CLASS = 0x0002
-_COMMAND_FIELD = 0x0100
-_MESSAGE_ID = 0x0110
-_MESSAGE_ID_RESPONDED_TO = 0x0120
-_PRIORITY = 0x0700
-_DATA_SET_TYPE = 0x0800
-_STATUS = 0x0900
-_AFFECTED_SOP_INSTANCE = 0x1000
-_MOVE_ORIGINATOR_AE = 0x1030
-_MOVE_ORIGINATOR_ID = 0x1031
-_C_STORE_RQ = 0x0001
-_C_STORE_RSP = 0x8001
-_NO_DATA_SET = 0x0101
-_REQUEST_ELEMENTS = frozenset(
-    {0x0000, _AFFECTED_SOP_CLASS, _COMMAND_FIELD, _MESSAGE_ID, _PRIORITY, _DATA_SET_TYPE,
-     _AFFECTED_SOP_INSTANCE, _MOVE_ORIGINATOR_AE, _MOVE_ORIGINATOR_ID}
-)  # fmt: skip
-_US_ELEMENTS = (_COMMAND_FIELD, _MESSAGE_ID, _PRIORITY, _DATA_SET_TYPE)
-
 
 def serve_stores(assoc: Association, handler: StoreHandler, incoming: Path) -> DirectStores:
     """Serve the C-STORE requests of ``assoc`` in its DUL thread (see the module);
     received files are written to ``incoming``."""
     stores = DirectStores(assoc, handler, incoming)
-    setattr(assoc.dul, _ATTRIBUTE, stores)
+    set_pdata_reader(assoc.dul, stores)
     return stores
 
 
 def direct_stores(dul: DULServiceProvider) -> DirectStores | None:
     """The direct C-STORE service of an association, if it has one."""
-    stores = getattr(dul, _ATTRIBUTE, None)
+    stores = pdata_reader(dul)
     return stores if isinstance(stores, DirectStores) else None
-
-
-_UID_PADDING = b"\0 "
-
-
-def decode_store_request(command: bytes) -> dict[int, int | str] | None:
-    """The elements of a C-STORE request command set, or None when it is not
-    one this module serves (see the module): another command, no data set,
-    an element a C-STORE request does not have, a length that does not add
-    up, a UID that is not valid."""
-    values: dict[int, int | str] = {}
-    offset, end = 0, len(command)
-    while offset < end:
-        if end - offset < _ELEMENT.size:
-            return None
-        group, element, length = _ELEMENT.unpack_from(command, offset)
-        offset += _ELEMENT.size
-        value = command[offset : offset + length]
-        offset += length
-        if group != 0 or element not in _REQUEST_ELEMENTS or len(value) != length or element in values:
-            return None
-        if element in _US_ELEMENTS:
-            if length != 2:
-                return None
-            values[element] = _US.unpack(value)[0]
-        elif element in (_AFFECTED_SOP_CLASS, _AFFECTED_SOP_INSTANCE):
-            try:
-                uid = value.rstrip(_UID_PADDING).decode("ascii")
-            except UnicodeDecodeError:
-                return None
-            if not validate_uid(UID(uid)):
-                return None
-            values[element] = uid
-    if values.get(_COMMAND_FIELD) != _C_STORE_RQ or values.get(_DATA_SET_TYPE, _NO_DATA_SET) == _NO_DATA_SET:
-        return None
-    if not all(element in values for element in (_MESSAGE_ID, _AFFECTED_SOP_CLASS, _AFFECTED_SOP_INSTANCE)):
-        return None
-    return values
-
-
-def _ui(value: str) -> bytes:
-    data = value.encode("ascii")
-    return data + b"\0" if len(data) % 2 else data
-
-
-def encode_store_response(request: StoreRequest, status: int) -> bytes:
-    """The C-STORE response command set, as pynetdicom encodes it."""
-    elements = (
-        (_AFFECTED_SOP_CLASS, _ui(request.sop_class_uid)),
-        (_COMMAND_FIELD, _US.pack(_C_STORE_RSP)),
-        (_MESSAGE_ID_RESPONDED_TO, _US.pack(request.message_id)),
-        (_DATA_SET_TYPE, _US.pack(_NO_DATA_SET)),
-        (_STATUS, _US.pack(status)),
-        (_AFFECTED_SOP_INSTANCE, _ui(request.sop_instance_uid)),
-    )
-    body = b"".join(_ELEMENT.pack(0, element, len(value)) + value for element, value in elements)
-    return _ELEMENT.pack(0, 0, 4) + struct.pack("<L", len(body)) + body
-
-
-def command_pdu(context_id: int, command: bytes) -> bytes:
-    """A P-DATA-TF PDU holding a whole command set in one item."""
-    item = PDV_HEADER.pack(len(command) + 2, context_id, COMMAND | LAST) + command
-    return PDU_HEADER.pack(P_DATA_TF_TYPE, 0, len(item)) + item
-
-
-_META_ELEMENT = struct.Struct("<HH2sH")
-_META_LONG_ELEMENT = struct.Struct("<HH2sHL")
-
-
-def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
-    """Preamble, ``DICM`` and the File Meta Information pynetdicom writes
-    before a received data set (:func:`pynetdicom.dsutils.create_file_meta`
-    written by pydicom), byte for byte."""
-    version = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
-    if len(version) % 2:
-        version += b" "
-    body = _META_LONG_ELEMENT.pack(2, 0x0001, b"OB", 0, 2) + b"\0\x01" + b"".join(
-        _META_ELEMENT.pack(2, element, vr, len(value)) + value
-        for element, vr, value in (
-            (0x0002, b"UI", _ui(sop_class_uid)),
-            (0x0003, b"UI", _ui(sop_instance_uid)),
-            (0x0010, b"UI", _ui(transfer_syntax)),
-            (0x0012, b"UI", _ui(PYNETDICOM_IMPLEMENTATION_UID)),
-            (0x0013, b"SH", version),
-        )
-    )
-    group_length = _META_ELEMENT.pack(2, 0x0000, b"UL", 4) + struct.pack("<L", len(body))
-    return b"\0" * 128 + b"DICM" + group_length + body
 
 
 _VALID_DUL_STATE = "Sta6"
@@ -254,7 +142,7 @@ class DirectStores:
             and assoc.dimse.message is None
             and assoc.is_established
             and not assoc._sent_release
-            and not any(assoc.get_handlers(event) for event in _WATCHING_EVENTS)
+            and not any(assoc.get_handlers(event) for event in WATCHING_EVENTS)
         )
 
     def _begin(self, dul: DULServiceProvider, pdu: bytearray) -> bool:
@@ -301,20 +189,20 @@ class DirectStores:
         if values is None:
             return None
         context = self._assoc._accepted_cx.get(context_id)
-        sop_class_uid = str(values[_AFFECTED_SOP_CLASS])
+        sop_class_uid = str(values[AFFECTED_SOP_CLASS])
         if context is None or context.abstract_syntax != sop_class_uid or not context.transfer_syntax:
             return None
         if uid_to_service_class(sop_class_uid) is not StorageServiceClass:
             return None
         request = StoreRequest(
             context_id=context_id,
-            message_id=int(values[_MESSAGE_ID]),
+            message_id=int(values[MESSAGE_ID]),
             sop_class_uid=sop_class_uid,
-            sop_instance_uid=str(values[_AFFECTED_SOP_INSTANCE]),
+            sop_instance_uid=str(values[AFFECTED_SOP_INSTANCE]),
             transfer_syntax=str(context.transfer_syntax[0]),
         )
         peer_maximum = self._assoc.requestor.maximum_length or 0
-        if peer_maximum and peer_maximum < len(command_pdu(context_id, encode_store_response(request, 0))):
+        if peer_maximum and peer_maximum < len(_response_pdu(request, 0)):
             return None
         return request
 
@@ -350,7 +238,7 @@ class DirectStores:
         self.served += 1
         transport: Any = dul.socket
         if dul.state_machine.current_state == _VALID_DUL_STATE and self._assoc.is_established and transport:
-            transport.send(command_pdu(request.context_id, encode_store_response(request, status)))
+            transport.send(_response_pdu(request, status))
 
 
 
@@ -358,3 +246,10 @@ def _close_and_delete(received: ReceivedFile) -> None:
     received.close()
     with contextlib.suppress(OSError):
         Path(received.name).unlink(missing_ok=True)
+
+
+def _response_pdu(request: StoreRequest, status: int) -> bytes:
+    command = encode_store_response(
+        request.message_id, request.sop_class_uid, request.sop_instance_uid, status
+    )
+    return command_pdu(request.context_id, command)
