@@ -16,6 +16,8 @@ matches) are all reported with the number of the first record affected.
 
 Storage goes through SQLAlchemy Core: an SQLite file by default, PostgreSQL by
 URL (``postgresql://user@host/db``, driven by psycopg) for several replicas.
+On SQLite, appends run SQLAlchemy's compiled SQL over one kept connection
+(:class:`_SqliteAppends`).
 All replicas write one linear chain: an append runs in one transaction that
 first locks the head row (``SELECT ... FOR UPDATE`` on PostgreSQL, ``BEGIN
 IMMEDIATE`` on SQLite), so appends are serialised across threads, processes
@@ -32,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import sqlite3
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -260,6 +263,72 @@ def _database_url(target: str | Path) -> URL:
     return url
 
 
+class _SqliteAppends:
+    """Appends to an SQLite store over one kept connection, in the SQL that
+    SQLAlchemy compiles for the append's statements, compiled once.
+
+    Through SQLAlchemy, each append checked a connection out of the pool, ran
+    the begin event, found its three statements in the compiled cache and
+    reset the connection on its return to the pool: about a fifth of the
+    forwarding process's CPU for a study of small instances. The statements,
+    the SQL and the order of parameters are SQLAlchemy's own, so both paths
+    write the same rows; the transaction is the same ``BEGIN IMMEDIATE``.
+    Callers serialise appends (the trail's lock).
+    """
+
+    def __init__(self, path: Path, engine: Engine) -> None:
+        dialect = engine.dialect
+        columns = [column.name for column in _records.columns]
+        self._lock_head = _Compiled(_LOCK_HEAD.compile(dialect=dialect))
+        self._insert = _Compiled(_INSERT_RECORD.compile(dialect=dialect, column_keys=columns))
+        self._move_head = _Compiled(_MOVE_HEAD.compile(dialect=dialect))
+        self._connection = sqlite3.connect(
+            path, timeout=30, isolation_level=None, check_same_thread=False
+        )
+        self._connection.execute("PRAGMA journal_mode=WAL")
+        self._connection.execute("PRAGMA synchronous=FULL")
+
+    def append(self, row: Mapping[str, Any]) -> tuple[int, str]:
+        """Append ``row`` at the end of the chain; its number and hash."""
+        connection = self._connection
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            found = connection.execute(*self._lock_head.bind({})).fetchone()
+            if found is None:
+                raise AuditError("the audit trail has no chain head")
+            last_seq, last_hash = found
+            seq = int(last_seq) + 1
+            digest = record_hash(seq, last_hash, row)
+            connection.execute(
+                *self._insert.bind({"seq": seq, "prev_hash": last_hash, "record_hash": digest, **row})
+            )
+            connection.execute(*self._move_head.bind({"new_seq": seq, "new_hash": digest}))
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        return seq, digest
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+class _Compiled:
+    """A statement compiled for SQLite: its SQL and how to order its parameters."""
+
+    def __init__(self, compiled: Any) -> None:
+        self.sql: str = compiled.string
+        self._names: tuple[str, ...] = tuple(compiled.positiontup or ())
+        #: Values the statement itself holds (the chain's id); the rest must be given.
+        self._fixed = {name: bind.value for name, bind in compiled.binds.items() if not bind.required}
+
+    def bind(self, values: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
+        """The SQL and its parameters in order; KeyError when one is missing."""
+        fixed = self._fixed
+        return self.sql, tuple(fixed[name] if name in fixed else values[name] for name in self._names)
+
+
 def _sqlite_path(url: URL) -> Path | None:
     if url.get_backend_name() != "sqlite" or url.database in {None, "", ":memory:"}:
         return None
@@ -303,6 +372,7 @@ class AuditTrail:
         except Exception:
             self._engine.dispose()
             raise
+        self._sqlite = _SqliteAppends(sqlite_path, self._engine) if sqlite_path is not None else None
 
     @staticmethod
     def _make_engine(url: URL, *, sqlite: bool) -> Engine:
@@ -350,6 +420,10 @@ class AuditTrail:
     def append(self, entry: AuditEntry) -> AppendResult:
         """Append one record at the end of the chain, durably, and return its place."""
         row = entry.to_row()
+        if self._sqlite is not None:
+            with self._lock:
+                seq, digest = self._sqlite.append(row)
+            return AppendResult(seq=seq, record_hash=digest)
         with self._lock, self._engine.begin() as conn:
             head = conn.execute(_LOCK_HEAD).one()
             seq = int(head.last_seq) + 1
@@ -418,6 +492,8 @@ class AuditTrail:
 
     def close(self) -> None:
         """Release the database connections."""
+        if self._sqlite is not None:
+            self._sqlite.close()
         self._engine.dispose()
 
     def __enter__(self) -> AuditTrail:

@@ -77,6 +77,22 @@ def test_appends_are_numbered_and_the_chain_verifies(tmp_path: Path) -> None:
     assert rows[0]["received_at"] == "2026-01-02T03:04:06.678901+00:00"
 
 
+def test_sqlite_appends_write_the_rows_sqlalchemy_writes(tmp_path: Path) -> None:
+    """SQLite stores take appends over a kept connection; the same entries
+    appended through SQLAlchemy give the same rows, and the chain verifies."""
+    stores = {}
+    for way in ("kept-connection", "sqlalchemy"):
+        with AuditTrail(tmp_path / f"{way}.sqlite") as trail:
+            if way == "sqlalchemy":
+                trail._sqlite = None
+            for i in range(1, 4):
+                trail.append(entry(i, reason=None if i % 2 else "x"))
+            assert trail.verify().ok
+            stores[way] = trail.records()
+    assert stores["kept-connection"] == stores["sqlalchemy"]
+    assert len(stores["sqlalchemy"]) == 3
+
+
 def test_an_empty_trail_verifies(tmp_path: Path) -> None:
     with AuditTrail(tmp_path / "a.sqlite") as trail:
         verdict = trail.verify()
