@@ -21,7 +21,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,7 +45,7 @@ from gateway.pdu import set_pdata_reader
 from gateway.quarantine import Quarantine, Reason
 from gateway.receive import set_nodelay
 from gateway.spool import EntryInfo, Spool, fsync_dir
-from gateway.store_scu import DirectPData, ResponseReader, send_store
+from gateway.store_scu import DirectPData, InputNotReadyError, ResponseReader, StoreSource, send_store
 
 
 def _log() -> FilteringBoundLogger:
@@ -68,7 +68,9 @@ class Engine(Protocol):
     @property
     def profile(self) -> Profile: ...
 
-    def deidentify_file(self, src: Path, dst: Path, *, durable: bool = True) -> DeidReport: ...
+    def deidentify_file(
+        self, src: Path, dst: Path, *, durable: bool = True, pixels_by_reference: bool = False
+    ) -> DeidReport: ...
 
 
 class SendError(Exception):
@@ -263,21 +265,43 @@ class DicomLink:
         self.reader = ResponseReader(self.assoc)
         set_pdata_reader(self.assoc.dul, self.reader)
 
-    def _store(self, path: Path) -> Any:
+    def _store(self, source: StoreSource, before_last: Callable[[], object] | None) -> Any:
         """C-STORE over the open association; a connection that fails while
-        the PDUs are written aborts it (no response will come)."""
+        the PDUs are written aborts it (no response will come), and so does a
+        failure of ``before_last`` (see :func:`~gateway.store_scu.send_store`),
+        which is raised as it is."""
         try:
             status = None
             if self.pdata is not None and self.reader is not None:
-                status = send_store(self.assoc, self.pdata, self.reader, path, next(self._message_ids))
-            return status if status is not None else self.assoc.send_c_store(path)
+                message_id = next(self._message_ids)
+                status = send_store(self.assoc, self.pdata, self.reader, source, message_id, before_last)
+            if status is None:
+                if before_last is not None:
+                    before_last()
+                status = self.assoc.send_c_store(source.whole())
+            return status
         except OSError:
             self.assoc.abort()
             self.assoc = None
             raise SendError("connection lost while sending") from None
+        except InputNotReadyError:
+            self.assoc.abort()
+            self.assoc = None
+            raise
 
-    def send(self, path: Path, sop_class_uid: str, transfer_syntax_uid: str) -> int:
-        """C-STORE ``path``; return the Success or Warning status or raise SendError."""
+    def send(
+        self,
+        source: Path | StoreSource,
+        sop_class_uid: str,
+        transfer_syntax_uid: str,
+        *,
+        before_last: Callable[[], object] | None = None,
+    ) -> int:
+        """C-STORE ``source``; return the Success or Warning status or raise
+        SendError. ``before_last`` must return before the archive can store
+        the instance (see :func:`~gateway.store_scu.send_store`)."""
+        if isinstance(source, Path):
+            source = StoreSource(source)
         pair = (sop_class_uid, transfer_syntax_uid)
         self.last_used = time.monotonic()
         fresh = False
@@ -291,7 +315,7 @@ class DicomLink:
         if pair not in self._accepted():
             raise SendError("presentation context (transfer syntax) refused")
         try:
-            status = self._store(path)
+            status = self._store(source, before_last)
         except SendError:
             if fresh:
                 raise
@@ -301,7 +325,7 @@ class DicomLink:
             self._open()
             if pair not in self._accepted():
                 raise SendError("presentation context (transfer syntax) refused")
-            status = self._store(path)
+            status = self._store(source, before_last)
         if "Status" not in status:
             self.close()
             raise SendError("no response (association lost or timed out)")
@@ -555,9 +579,10 @@ class Forwarder:
         try:
             started = time.monotonic()
             try:
-                # A scratch copy: after a crash work/ is emptied and it is made again.
+                # A scratch copy: after a crash work/ is emptied and it is made
+                # again. The pixel data stays in the spool until it is sent.
                 report = self.engines[route.name].deidentify_file(
-                    self.spool.instance(entry_id), output, durable=False
+                    self.spool.instance(entry_id), output, durable=False, pixels_by_reference=True
                 )
             except Exception as exc:
                 self._hold(job, "internal-error", f"de-identification raised {type(exc).__name__}")
@@ -600,37 +625,45 @@ class Forwarder:
                     counted=report.outcome is Outcome.QUARANTINED,
                 )
                 return
-            # Nothing leaves before the input's hash is known: a failure to hash
-            # raises here, with nothing sent, and not after a delivery that the
-            # audit trail could then not record.
-            job.input_sha256.result()
             if self.mappings is not None:
                 self.mappings.add(report)
-            self._deliver(job, route, output, report)
+            self._deliver(job, route, StoreSource(output, report.pixel_reference), report)
         finally:
             output.unlink(missing_ok=True)
 
-    def _send(self, name: str, output: Path, info: EntryInfo, transfer_syntax: str) -> None:
+    def _send(self, name: str, job: _Job, output: StoreSource, transfer_syntax: str) -> None:
+        """Deliver to one destination. Nothing is delivered before the input's
+        hash is known (the archive gets the last PDU only then): a failure to
+        hash raises :class:`InputNotReadyError` from it, with nothing stored,
+        and not after a delivery that the audit trail could then not record."""
+
+        def input_hashed() -> None:
+            try:
+                job.input_sha256.result()
+            except Exception as exc:
+                raise InputNotReadyError(type(exc).__name__) from exc
+
         dest = self.config.destination(name)
         if isinstance(dest, FolderDestination):
-            write_to_folder(dest, output)
+            input_hashed()
+            write_to_folder(dest, output.whole())
             return
         link = self._links[name]
         with link.lock:
-            link.send(output, info.sop_class_uid, transfer_syntax)
+            link.send(output, job.info.sop_class_uid, transfer_syntax, before_last=input_hashed)
 
-    def _deliver(self, job: _Job, route: Route, output: Path, report: DeidReport) -> None:
+    def _deliver(self, job: _Job, route: Route, output: StoreSource, report: DeidReport) -> None:
         entry_id, info = job.entry_id, job.info
         state = self.spool.state(entry_id)
         transfer_syntax = report.transfer_syntax_uid or info.transfer_syntax_uid
-        size = output.stat().st_size
+        size = output.size
         failures: list[str] = []
         for name in route.destinations:
             if name in state.delivered:
                 continue
             started = time.monotonic()
             try:
-                self._send(name, output, info, transfer_syntax)
+                self._send(name, job, output, transfer_syntax)
             except (SendError, OSError, RuntimeError, ValueError) as exc:
                 seconds = time.monotonic() - started
                 text = str(exc) if isinstance(exc, SendError) else type(exc).__name__

@@ -29,11 +29,16 @@ answers.
 
 from __future__ import annotations
 
-import os
+import contextlib
+import io
+import socket
 import ssl
 import struct
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,8 @@ from pynetdicom import evt
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
+from gateway.deid.report import PixelReference
+from gateway.deid.stream import fill_pixels
 from gateway.dimse import command_pdu, decode_store_response, encode_store_request, read_file_meta
 from gateway.pdu import COMMAND, LAST, P_DATA_TF_TYPE, PDU_HEADER, PDV_HEADER, WATCHING_EVENTS, pdv_items
 
@@ -124,6 +131,21 @@ class DirectPData:
         if not direct:
             self._queue_pdu(primitive)
 
+    def write_from_files(self, header: bytes, pieces: list[tuple[io.BufferedReader, int, int]]) -> bool:
+        """Write a P-DATA-TF PDU: its ``header`` (PDU and item headers), then
+        its data from the files, each ``(file, offset, length)`` copied to the
+        socket by the kernel (``sendfile``); as :meth:`write`."""
+        with self._lock:
+            if not self._can_write():
+                return False
+            sock = self._dul.socket.socket
+            sock.sendall(header, _MSG_MORE)
+            for file, offset, length in pieces:
+                if sock.sendfile(file, offset, length) != length:
+                    raise OSError("a file ended before the data set did")
+            self.direct += 1
+            return True
+
     def write(self, pdu: bytes | bytearray | memoryview) -> bool:
         """Write a whole encoded P-DATA-TF PDU now, if nothing else can be on
         the wire (see the class); False when it cannot be written here.
@@ -136,6 +158,8 @@ class DirectPData:
             return True
 
 
+#: Tells the kernel that the PDU's data follows its header (Linux).
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
 #: The largest data set fragment written (the archive's maximum PDU may be larger or unlimited).
 MAX_FRAGMENT = 4 * 1024 * 1024
 _VALID_DUL_STATE = "Sta6"
@@ -210,42 +234,104 @@ def _context_id(assoc: Any, sop_class_uid: str, transfer_syntax: str) -> int | N
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """``length`` bytes of the file ``path`` from ``offset``."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+class StoreSource:
+    """What a C-STORE sends: a Part 10 file, or one the engine wrote with its
+    pixel data by reference (``pixels``: the pixel data still in the input),
+    which :meth:`whole` fills in when a whole file is needed."""
+
+    def __init__(self, path: Path, pixels: PixelReference | None = None) -> None:
+        self.path = path
+        self.pixels = pixels
+
+    @property
+    def size(self) -> int:
+        """The instance's size in bytes."""
+        pixels = self.pixels
+        extra = pixels.end - pixels.start if pixels is not None else 0
+        return self.path.stat().st_size + extra
+
+    def segments(self) -> list[Segment]:
+        """The instance's bytes, in order."""
+        pixels = self.pixels
+        if pixels is None:
+            return [Segment(self.path, 0, self.path.stat().st_size)]
+        rest = self.path.stat().st_size - pixels.at
+        parts = [
+            Segment(self.path, 0, pixels.at),
+            Segment(pixels.source, pixels.start, pixels.end - pixels.start),
+            Segment(self.path, pixels.at, rest),
+        ]
+        return [part for part in parts if part.length]
+
+    def whole(self) -> Path:
+        """The file, with its pixel data in place (filled in once)."""
+        if self.pixels is not None:
+            fill_pixels(self.path, self.pixels)
+            self.pixels = None
+        return self.path
+
+
+class InputNotReadyError(Exception):
+    """The check before an instance's last data PDU (its input's hash) failed:
+    the request was left unfinished and the association aborted."""
+
+
 def send_store(
-    assoc: Any, pdata: DirectPData, reader: ResponseReader, path: Path, message_id: int
+    assoc: Any,
+    pdata: DirectPData,
+    reader: ResponseReader,
+    source: StoreSource,
+    message_id: int,
+    before_last: Callable[[], object] | None = None,
 ) -> Dataset | None:
-    """C-STORE the Part 10 file ``path`` (see the module); the status as
-    pynetdicom's ``send_c_store`` returns it (empty when no response came),
-    or None when it must be sent with pynetdicom, nothing having been sent.
-    Raises OSError when the connection fails while the request is written."""
+    """C-STORE ``source`` (see the module); the status as pynetdicom's
+    ``send_c_store`` returns it (empty when no response came), or None when it
+    must be sent with pynetdicom, nothing having been sent.
+
+    ``before_last`` runs before the last data PDU is written: the archive
+    cannot store the instance before it has returned, and when it raises
+    (:class:`InputNotReadyError`, from what it raised) the request is left
+    unfinished. Raises OSError when the connection fails while the request
+    is written.
+    """
     if not assoc.is_established or any(assoc.get_handlers(event) for event in WATCHING_EVENTS):
         return None
-    with path.open("rb") as fp:
+    with source.path.open("rb") as fp:
         meta = read_file_meta(fp)
-        if meta is None:
-            return None
-        sop_class_uid, sop_instance_uid, transfer_syntax, start = meta
-        context_id = _context_id(assoc, sop_class_uid, transfer_syntax)
-        size = os.fstat(fp.fileno()).st_size - start
-        if context_id is None or size <= 0:
-            return None
-        command = command_pdu(context_id, encode_store_request(message_id, sop_class_uid, sop_instance_uid))
-        # As pynetdicom does: pause the association's reactor, so that it
-        # cannot take the response off the queue first.
-        assoc._reactor_checkpoint.clear()
-        try:
-            while not assoc._is_paused:
-                time.sleep(0.0001)
-            reader.expect(context_id, message_id)
-            if not pdata.write(command):
-                reader.forget()
-                return None
-            _write_data_set(assoc, pdata, fp, size, context_id)
-            _, response = assoc.dimse.get_msg(block=True)
-        except BaseException:
+    if meta is None:
+        return None
+    sop_class_uid, sop_instance_uid, transfer_syntax, start = meta
+    context_id = _context_id(assoc, sop_class_uid, transfer_syntax)
+    data_set = _skip(source.segments(), start)
+    if context_id is None or not data_set:
+        return None
+    command = command_pdu(context_id, encode_store_request(message_id, sop_class_uid, sop_instance_uid))
+    # As pynetdicom does: pause the association's reactor, so that it
+    # cannot take the response off the queue first.
+    assoc._reactor_checkpoint.clear()
+    try:
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        reader.expect(context_id, message_id)
+        if not pdata.write(command):
             reader.forget()
-            raise
-        finally:
-            assoc._reactor_checkpoint.set()
+            return None
+        _write_data_set(assoc, pdata, data_set, context_id, before_last)
+        _, response = assoc.dimse.get_msg(block=True)
+    except BaseException:
+        reader.forget()
+        raise
+    finally:
+        assoc._reactor_checkpoint.set()
     if response is None:
         assoc._handle_no_response()
         return Dataset()
@@ -257,20 +343,56 @@ def send_store(
     return checked
 
 
-def _write_data_set(assoc: Any, pdata: DirectPData, fp: Any, size: int, context_id: int) -> None:
-    """Write ``size`` bytes from ``fp`` as data set fragments, one per PDU."""
+def _skip(segments: list[Segment], count: int) -> list[Segment]:
+    """``segments`` without their first ``count`` bytes."""
+    rest = []
+    for segment in segments:
+        if count >= segment.length:
+            count -= segment.length
+            continue
+        rest.append(Segment(segment.path, segment.offset + count, segment.length - count))
+        count = 0
+    return rest
+
+
+def _write_data_set(
+    assoc: Any,
+    pdata: DirectPData,
+    segments: list[Segment],
+    context_id: int,
+    before_last: Callable[[], object] | None,
+) -> None:
+    """Write the bytes of ``segments`` as data set fragments, one per PDU,
+    copied from the files to the socket by the kernel."""
     peer_maximum = int(assoc.acceptor.maximum_length or 0)
     fragment = min(peer_maximum - PDV_HEADER.size, MAX_FRAGMENT) if peer_maximum else MAX_FRAGMENT
-    header = PDU_HEADER.size + PDV_HEADER.size
-    buffer = bytearray(header + min(fragment, size))
-    remaining = size
-    with memoryview(buffer) as view:
+    remaining = sum(segment.length for segment in segments)
+    left = deque(segments)
+    with contextlib.ExitStack() as stack:
+        files: dict[Path, io.BufferedReader] = {}
         while remaining:
-            count = fp.readinto(view[header : header + min(fragment, remaining)])
-            if not count:
-                raise OSError("the file ended before its data set")
+            count = min(fragment, remaining)
             remaining -= count
-            PDU_HEADER.pack_into(buffer, 0, P_DATA_TF_TYPE, 0, count + PDV_HEADER.size)
-            PDV_HEADER.pack_into(buffer, PDU_HEADER.size, count + 2, context_id, 0 if remaining else LAST)
-            if not pdata.write(view[: header + count]):
+            pieces = []
+            while count:
+                segment = left.popleft()
+                if segment.path not in files:
+                    files[segment.path] = stack.enter_context(segment.path.open("rb"))
+                take = min(count, segment.length)
+                pieces.append((files[segment.path], segment.offset, take))
+                if take < segment.length:
+                    left.appendleft(Segment(segment.path, segment.offset + take, segment.length - take))
+                count -= take
+            length = sum(piece[2] for piece in pieces)
+            header = PDU_HEADER.pack(P_DATA_TF_TYPE, 0, length + PDV_HEADER.size) + PDV_HEADER.pack(
+                length + 2, context_id, 0 if remaining else LAST
+            )
+            if not remaining and before_last is not None:
+                try:
+                    before_last()
+                except InputNotReadyError:
+                    raise
+                except Exception as exc:
+                    raise InputNotReadyError(type(exc).__name__) from exc
+            if not pdata.write_from_files(header, pieces):
                 raise ConnectionError("the association ended while the data set was written")

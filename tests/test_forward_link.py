@@ -8,16 +8,19 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.config import DicomDestination
+from gateway.deid.report import PixelReference
 from gateway.deid.stream import _file_meta_end
 from gateway.forward import FORWARD_NICE, DicomLink, SendError, lower_thread_priority
 from gateway.receive import configure_pynetdicom
-from gateway.store_scu import DirectPData
+from gateway.store_scu import DirectPData, InputNotReadyError, StoreSource
 from gateway.synthetic import write_large_volume
 from tests.peers import Storescp
 
@@ -74,6 +77,52 @@ def test_an_instance_of_many_pdus_arrives_bit_for_bit(volume: Path, archive: Sto
     assert all(_data_set(path) == _data_set(volume) for path in stored)
 
 
+def _by_reference(volume: Path, directory: Path) -> StoreSource:
+    """``volume`` as the engine leaves it with its pixel data by reference:
+    a file without the bytes in the middle, and where they are."""
+    data = volume.read_bytes()
+    start, end = len(data) // 3, 2 * len(data) // 3
+    head = directory / "head.dcm"
+    head.write_bytes(data[:start] + data[end:])
+    return StoreSource(head, PixelReference(volume, start, end, start))
+
+
+def test_pixel_data_by_reference_arrives_in_place(
+    volume: Path, archive: Storescp, tmp_path: Path
+) -> None:
+    link = _link(archive)
+    gate: list[bool] = []
+    try:
+        source = _by_reference(volume, tmp_path)
+        assert link.send(source, *_sop_class_and_syntax(volume), before_last=lambda: gate.append(True)) == 0
+        assert source.pixels is not None  # sent from the two files, not filled in
+    finally:
+        link.close()
+    assert gate == [True]
+    assert [_data_set(path) for path in archive.files()] == [_data_set(volume)]
+
+
+def test_a_failed_check_before_the_last_pdu_leaves_the_archive_without_it(
+    volume: Path, archive: Storescp, tmp_path: Path
+) -> None:
+    link = _link(archive)
+
+    def hash_failed() -> None:
+        raise FileNotFoundError("the input went away")
+
+    try:
+        source = _by_reference(volume, tmp_path)
+        with pytest.raises(InputNotReadyError):
+            link.send(source, *_sop_class_and_syntax(volume), before_last=hash_failed)
+        assert link.assoc is None  # aborted: the request stays unfinished
+        time.sleep(0.5)
+        assert archive.files() == []
+        assert link.send(volume, *_sop_class_and_syntax(volume)) == 0x0000  # a fresh association
+    finally:
+        link.close()
+    assert len(archive.files()) == 1
+
+
 def _sent_once_then_failing(
     volume: Path, archive: Storescp, failure: Callable[[DicomLink], None]
 ) -> tuple[DicomLink, DirectPData, int]:
@@ -85,7 +134,7 @@ def _sent_once_then_failing(
     writer = link.pdata
     assert writer is not None
     sent_before = writer.direct
-    queue_pdu, write = link.assoc.dul.send_pdu, writer.write
+    queue_pdu, write, write_from_files = link.assoc.dul.send_pdu, writer.write, writer.write_from_files
     struck: list[bool] = []
 
     def strike() -> None:
@@ -97,12 +146,17 @@ def _sent_once_then_failing(
         strike()
         queue_pdu(primitive)
 
-    def write_pdu(pdu: bytes) -> bool:  # the sender's own
+    def write_pdu(pdu: bytes) -> bool:  # the sender's own: its command
         strike()
         return write(pdu)
 
+    def write_data(header: bytes, pieces: list[Any]) -> bool:  # and its data set
+        strike()
+        return write_from_files(header, pieces)
+
     link.assoc.dul.send_pdu = send_pdu
     writer.write = write_pdu  # type: ignore[method-assign]
+    writer.write_from_files = write_data  # type: ignore[method-assign]
     return link, writer, sent_before
 
 

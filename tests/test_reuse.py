@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from gateway.deid import Deidentifier, Outcome, SecretKey, load_profile
 from gateway.deid.report import DeidReport
 from gateway.deid.reuse import HeaderMemo
+from gateway.deid.stream import fill_pixels
 
 #: Long random UIDs under 2.25: no one is a part of another, or of the header.
 UIDS = st.integers(min_value=10**30, max_value=2**128 - 1).map(lambda n: f"2.25.{n}")
@@ -88,6 +89,27 @@ def test_a_reused_header_is_what_a_full_run_writes(
         assert report.outcome is Outcome.PASSED
         assert uid.encode() not in (tmp_path / "reused.dcm").read_bytes()
     assert (reusing.memo.hits, reusing.memo.misses) == (len(instances) - 1, 1)
+
+
+@SETTINGS
+@given(instances=st.lists(st.tuples(UIDS, NUMBERS), min_size=2, max_size=4, unique_by=lambda t: t[0]))
+def test_pixel_data_by_reference_fills_to_the_same_bytes(
+    tmp_path: Path, key: SecretKey, volume_level: Dataset, instances: list[tuple[str, int]]
+) -> None:
+    """Left in the input (full run and reused header alike), the pixel data
+    goes back to the same place: the filled file is the copied one."""
+    reusing, full = engines(key)
+    for index, (uid, number) in enumerate(instances):
+        src = write_instance(volume_level, tmp_path / f"in-{index}.dcm", uid, number)
+        copied, referenced = tmp_path / "copied.dcm", tmp_path / "referenced.dcm"
+        full.deidentify_file(src, copied, durable=False)
+        report = reusing.deidentify_file(src, referenced, durable=False, pixels_by_reference=True)
+        reference = report.pixel_reference
+        assert reference is not None and reference.source == src
+        assert referenced.stat().st_size == copied.stat().st_size - (reference.end - reference.start)
+        fill_pixels(referenced, reference)
+        assert referenced.read_bytes() == copied.read_bytes()
+    assert reusing.memo is not None and reusing.memo.hits == len(instances) - 1
 
 
 @SETTINGS

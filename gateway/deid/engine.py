@@ -505,12 +505,22 @@ class Deidentifier:
         return report
 
     def deidentify_file(
-        self, src: Path, dst: Path, *, explain: bool = False, durable: bool = True
+        self,
+        src: Path,
+        dst: Path,
+        *,
+        explain: bool = False,
+        durable: bool = True,
+        pixels_by_reference: bool = False,
     ) -> DeidReport:
         """De-identify the file ``src`` into ``dst``, streaming the pixel data
         (see :mod:`gateway.deid.stream`); ``dst`` exists only when passed, and
-        is flushed to disk unless ``durable`` is false."""
-        return stream.deidentify_file(self, src, dst, explain=explain, durable=durable)
+        is flushed to disk unless ``durable`` is false. With
+        ``pixels_by_reference`` the pixel data stays in ``src`` and the
+        report's ``pixel_reference`` says where it goes."""
+        return stream.deidentify_file(
+            self, src, dst, explain=explain, durable=durable, pixels_by_reference=pixels_by_reference
+        )
 
     def _mark(self, dataset: Dataset) -> None:
         """Record what was done, as PS3.15 E.1.1 asks."""

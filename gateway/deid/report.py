@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -31,6 +32,21 @@ class RedactionReason(enum.StrEnum):
     OCR_UNAVAILABLE = "ocr-unavailable"
     OCR_FAILED = "ocr-failed"
     TEXT_REMAINS = "text-remains"
+
+
+@dataclass(frozen=True, slots=True)
+class PixelReference:
+    """Where a de-identified instance's pixel data is when it was not copied.
+
+    The instance is the output file's first ``at`` bytes, then the bytes
+    ``start`` to ``end`` of ``source`` (the input, unchanged), then the rest
+    of the output file.
+    """
+
+    source: Path
+    start: int
+    end: int
+    at: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +91,9 @@ class DeidReport:
     #: (it holds them: never log it); kept to check instances that share this
     #: one's header, see :mod:`gateway.deid.reuse`.
     output_scanner: OutputScanner | None = field(default=None, repr=False, compare=False)
+    #: Set when the caller asked for the pixel data by reference and the
+    #: output file holds everything else (see :class:`PixelReference`).
+    pixel_reference: PixelReference | None = field(default=None, repr=False, compare=False)
 
     def stop(self, outcome: Outcome, reason: str, detail: str) -> DeidReport:
         """Mark the instance as not passed, with a PHI-free reason code and sentence."""

@@ -123,7 +123,14 @@ class HeaderMemo:
         return header_key(src)
 
     def rewrite(
-        self, deid: Deidentifier, probe: HeaderKey, src: Path, dst: Path, *, durable: bool = True
+        self,
+        deid: Deidentifier,
+        probe: HeaderKey,
+        src: Path,
+        dst: Path,
+        *,
+        durable: bool = True,
+        pixels_by_reference: bool = False,
     ) -> DeidReport | None:
         """Write ``dst`` from a stored header; ``None`` when there is none for
         this input or it cannot be reused safely (``dst`` is then not written)."""
@@ -139,9 +146,12 @@ class HeaderMemo:
             self.misses += 1
             return None
         header = _assemble(entry, values, probe.syntax)
-        _write_header_and_pixels(header, src, probe.pixel_extent, dst, durable=durable)
+        reference = _write_header_and_pixels(
+            header, src, probe.pixel_extent, dst, durable=durable, by_reference=pixels_by_reference
+        )
         self.hits += 1
         report = _copy(entry.report)
+        report.pixel_reference = reference
         new_uid = values.get(SOP_INSTANCE_UID)
         old_uid = str(probe.per_instance[SOP_INSTANCE_UID].value)
         report.new_sop_instance_uid = str(new_uid.value) if new_uid is not None else None
@@ -324,6 +334,7 @@ def _copy(report: DeidReport) -> DeidReport:
         findings=[],
         explain=[],
         output_scanner=None,
+        pixel_reference=None,
     )
 
 

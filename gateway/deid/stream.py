@@ -35,7 +35,7 @@ from pydicom.valuerep import VR
 from gateway import __version__
 from gateway.deid.iod import pixel_data_sop_classes
 from gateway.deid.policy import image_flavor
-from gateway.deid.report import DeidReport, Outcome
+from gateway.deid.report import DeidReport, Outcome, PixelReference
 
 if TYPE_CHECKING:
     from gateway.deid.engine import Deidentifier
@@ -63,6 +63,7 @@ def deidentify_file(
     explain: bool = False,
     max_whole_bytes: int = MAX_WHOLE_BYTES,
     durable: bool = True,
+    pixels_by_reference: bool = False,
 ) -> DeidReport:
     """De-identify ``src`` into ``dst``; ``dst`` is written only when passed.
 
@@ -72,12 +73,18 @@ def deidentify_file(
     written to a temporary name beside ``dst`` and renamed, so ``dst`` either
     holds a whole instance or does not exist; ``durable`` flushes it to disk
     first (a forwarder's scratch copy, made again after a crash, needs not).
+    With ``pixels_by_reference``, pixel data that would be copied unchanged
+    is left in ``src``: ``dst`` holds the rest, and the report's
+    ``pixel_reference`` says where the pixel data goes (:func:`fill_pixels`
+    makes the whole file).
     """
     memo = None if explain else deid.memo
     probe = memo.probe(src) if memo is not None else None
     if memo is not None and probe is not None:
         try:
-            reused = memo.rewrite(deid, probe, src, dst, durable=durable)
+            reused = memo.rewrite(
+                deid, probe, src, dst, durable=durable, pixels_by_reference=pixels_by_reference
+            )
         except Exception:  # a full run decides, and reports whatever the problem is
             _temporary(dst).unlink(missing_ok=True)
             reused = None
@@ -103,8 +110,15 @@ def deidentify_file(
             _write_whole(source.dataset, source.syntax, dst, durable)
             header_length = None
         else:
-            header_length = _write_streamed(
-                source.dataset, source.syntax, src, source.pixel_extent, source.pixel_tag, dst, durable
+            header_length, report.pixel_reference = _write_streamed(
+                source.dataset,
+                source.syntax,
+                src,
+                source.pixel_extent,
+                source.pixel_tag,
+                dst,
+                durable,
+                by_reference=pixels_by_reference,
             )
     except Exception as exc:  # nothing half-written is left, and the instance is held back
         _temporary(dst).unlink(missing_ok=True)
@@ -462,9 +476,12 @@ def _write_streamed(
     pixel_tag: int | None,
     dst: Path,
     durable: bool = True,
-) -> int:
-    """Write the de-identified ``header``, then the input's pixel data; return
-    the length of what precedes the pixel data."""
+    *,
+    by_reference: bool = False,
+) -> tuple[int, PixelReference | None]:
+    """Write the de-identified ``header``, then the input's pixel data (or
+    leave it, ``by_reference``); return the length of what precedes the pixel
+    data, and where the pixel data is when it was left."""
     tail = Dataset()
     if pixel_tag is not None:
         for tag in [t for t in header.keys() if int(t) > pixel_tag]:
@@ -481,8 +498,10 @@ def _write_streamed(
         write_dataset(buffer, tail)
         trailer = buffer.getvalue()
     head = encoded.getvalue()
-    _write_header_and_pixels(head, src, extent, dst, trailer, durable=durable)
-    return len(head)
+    reference = _write_header_and_pixels(
+        head, src, extent, dst, trailer, durable=durable, by_reference=by_reference
+    )
+    return len(head), reference
 
 
 def _write_header_and_pixels(
@@ -493,16 +512,19 @@ def _write_header_and_pixels(
     tail: bytes = b"",
     *,
     durable: bool = True,
-) -> None:
+    by_reference: bool = False,
+) -> PixelReference | None:
     """Write ``head``, the bytes ``extent`` of ``src`` and ``tail`` to a
     temporary name beside ``dst`` and rename it; ``durable`` flushes it to
-    disk first."""
+    disk first. With ``by_reference`` the bytes of ``src`` are not written,
+    and where they go is returned."""
+    start, end = extent
+    reference = PixelReference(src, start, end, len(head)) if by_reference and end > start else None
     tmp = _temporary(dst)
     with tmp.open("wb") as out:
         out.write(head)
         position = len(head)
-        start, end = extent
-        if end > start:
+        if end > start and reference is None:
             with src.open("rb") as source:
                 _copy_range(source, out, start, end - start, position)
             out.seek(position + end - start)
@@ -512,6 +534,18 @@ def _write_header_and_pixels(
         if durable:
             os.fsync(out.fileno())
     tmp.replace(dst)
+    return reference
+
+
+def fill_pixels(dst: Path, reference: PixelReference, *, durable: bool = False) -> None:
+    """Make ``dst``, written with its pixel data by reference, the whole instance."""
+    with dst.open("rb") as partial:
+        head = partial.read(reference.at)
+        tail = partial.read()
+    if len(head) != reference.at:
+        raise MalformedError("the de-identified header is shorter than recorded")
+    _write_header_and_pixels(head, reference.source, (reference.start, reference.end), dst, tail,
+                             durable=durable)  # fmt: skip
 
 
 def _copy_range(source: BinaryIO, out: BinaryIO, offset: int, count: int, out_offset: int) -> None:
