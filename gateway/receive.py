@@ -520,7 +520,7 @@ class Receiver:
                 received.unlink(missing_ok=True)
                 refused("no-route", STATUS_NOT_AUTHORIZED)
                 return STATUS_NOT_AUTHORIZED
-            key = header_key(received)
+            key = header_key(received, decoded=False)  # the check decodes no value
             if _contradicts_request(received, key, sop_class_uid, instance_uid):
                 received.unlink(missing_ok=True)
                 refused("data-set-mismatch", STATUS_DATA_SET_MISMATCH)

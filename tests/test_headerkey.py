@@ -122,14 +122,19 @@ def test_the_key_and_pydicom_find_the_same_identity_and_contradictions(
     is one, and with pydicom's reading of the file otherwise: both agree."""
     path = write(volume_level, tmp_path / "a.dcm", "2.25.77", 7)
     key = header_key(path)
-    assert key is not None
+    raw_key = header_key(path, decoded=False)  # the receiver's: no value decoded
+    assert key is not None and raw_key is not None
+    assert (raw_key.key, raw_key.pixel_extent) == (key.key, key.pixel_extent)
     ds = dcmread(path, stop_before_pixels=True)
-    assert key.sop_class_uid == str(ds.SOPClassUID)
-    assert key.sop_instance_uid == str(ds.SOPInstanceUID) == "2.25.77"
+    for found in (key, raw_key):
+        assert found.sop_class_uid == str(ds.SOPClassUID)
+        assert found.sop_instance_uid == str(ds.SOPInstanceUID) == "2.25.77"
+    assert raw_key.per_instance.InstanceNumber == 7  # decoded when asked for
     for sop_class, instance, expected in [
         (str(ds.SOPClassUID), "2.25.77", False),
         ("1.2.840.10008.5.1.4.1.1.7", "2.25.77", True),
         (str(ds.SOPClassUID), "2.25.78", True),
     ]:
         assert _contradicts_request(path, key, sop_class, instance) is expected
+        assert _contradicts_request(path, raw_key, sop_class, instance) is expected
         assert _contradicts_request(path, None, sop_class, instance) is expected

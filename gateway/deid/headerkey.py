@@ -20,6 +20,7 @@ which checks.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -65,8 +66,8 @@ class HeaderKey:
 
     key: bytes
     syntax: UID
-    #: The per-instance elements, decoded, and as they are in the file.
-    per_instance: Dataset
+    #: The per-instance elements as they are in the file (:attr:`per_instance`
+    #: decodes them).
     per_instance_raw: bytes
     #: The file meta's group length element and Media Storage SOP Instance UID
     #: element, as they are in the file, and where the file meta ends.
@@ -75,29 +76,38 @@ class HeaderKey:
     meta_end: int
     #: Where the pixel data element starts and ends (the end of the file).
     pixel_extent: tuple[int, int]
+    #: The data set's SOP Instance UID, read raw (without its padding).
+    sop_instance_uid: str
     #: The data set's SOP Class UID (part of the key), if it has one.
     sop_class_uid: str | None = None
 
-    @property
-    def sop_instance_uid(self) -> str:
-        return str(self.per_instance[SOP_INSTANCE_UID].value)
+    @functools.cached_property
+    def per_instance(self) -> Dataset:
+        """The per-instance elements, decoded."""
+        return read_dataset(io.BytesIO(self.per_instance_raw), self.syntax.is_implicit_VR, True)
 
 
 class _CutShortError(Exception):
     """The read ended inside the header."""
 
 
-def header_key(src: Path) -> HeaderKey | None:
+def header_key(src: Path, *, decoded: bool = True) -> HeaderKey | None:
     """The key of ``src``'s header; ``None`` for a file this does not handle
     (no pixel data, elements after it, big endian or deflated, a header over
-    :data:`MAX_HEADER_BYTES`, or anything odd: the full path decides)."""
+    :data:`MAX_HEADER_BYTES`, or anything odd: the full path decides).
+
+    ``decoded`` also decodes the per-instance values, and gives ``None`` when
+    one does not decode or is empty or a sequence: what the engine's reuse of
+    a header needs. The receiver's structure check, which decodes no value,
+    does without.
+    """
     try:
-        return _header_key(src)
+        return _header_key(src, decoded)
     except Exception:  # malformed, deeply nested, unreadable: all for the full path
         return None
 
 
-def _header_key(src: Path) -> HeaderKey | None:
+def _header_key(src: Path, decoded: bool) -> HeaderKey | None:
     with src.open("rb") as fp:
         size = os.fstat(fp.fileno()).st_size
         want = min(size, _FIRST_READ)
@@ -113,33 +123,34 @@ def _header_key(src: Path) -> HeaderKey | None:
                 want = min(size, want * 8, MAX_HEADER_BYTES)
         if parsed is None:
             return None
-        digest, syntax, raw, group_length, media_uid, meta_end, pixel_start, sop_class = parsed
+        digest, syntax, raw, group_length, media_uid, meta_end, pixel_start, sop_class, sop_instance = parsed
         pixel_end, pixel_tag = _pixel_extent(fp, pixel_start, size, syntax)
-    if pixel_tag is None or pixel_end != size:
+    if pixel_tag is None or pixel_end != size or not sop_instance:
         return None
     digest.update(b"P" + _U32.pack(pixel_tag))
-    per_instance = read_dataset(io.BytesIO(raw), syntax.is_implicit_VR, True)
-    for elem in per_instance:  # decoded now: a value that does not decode is for the full path
-        if elem.VR == "SQ" or not elem.value:
-            return None
-    if SOP_INSTANCE_UID not in per_instance:
-        return None
-    return HeaderKey(
+    key = HeaderKey(
         digest.digest(),
         syntax,
-        per_instance,
         raw,
         group_length,
         media_uid,
         meta_end,
         (pixel_start, pixel_end),
+        sop_instance,
         sop_class,
     )
+    if decoded:
+        for elem in key.per_instance:  # a value that does not decode is for the full path
+            if elem.VR == "SQ" or not elem.value:
+                return None
+        if str(key.per_instance[SOP_INSTANCE_UID].value) != sop_instance:
+            return None
+    return key
 
 
 def _parse(
     data: bytes,
-) -> tuple[hashlib._Hash, UID, bytes, bytes, bytes, int, int, str | None] | None:
+) -> tuple[hashlib._Hash, UID, bytes, bytes, bytes, int, int, str | None, str] | None:
     """Key the header in ``data``. Every piece fed to the hash is tagged and
     length-prefixed, so that one key means one sequence of pieces."""
     if len(data) < PREFIX + 8:
@@ -174,18 +185,23 @@ def _parse(
     implicit = syntax.is_implicit_VR
     raw = bytearray()
     sop_class: str | None = None
+    sop_instance = ""
     while True:
         if offset + 8 > len(data):
             raise _CutShortError
         group, element = _TAG.unpack_from(data, offset)
         tag = (group << 16) | element
         if tag in _PIXEL_TAGS:
-            return digest, syntax, bytes(raw), group_length, media_uid, meta_end, offset, sop_class
+            return (digest, syntax, bytes(raw), group_length, media_uid, meta_end, offset, sop_class,
+                    sop_instance)  # fmt: skip
         end = _element_end(data, offset, implicit)
-        if tag == SOP_CLASS_UID:
+        if tag in (SOP_CLASS_UID, SOP_INSTANCE_UID):
             short = implicit or data[offset + 4 : offset + 6] not in _LONG_VRS
-            value = data[offset + (8 if short else 12) : end]
-            sop_class = value.rstrip(b"\0 ").decode("ascii", "replace")
+            value = data[offset + (8 if short else 12) : end].rstrip(b"\0 ").decode("ascii", "replace")
+            if tag == SOP_CLASS_UID:
+                sop_class = value
+            else:
+                sop_instance = value
         if tag in PER_INSTANCE_TAGS:
             digest.update(b"V" + _U32.pack(tag))
             raw += data[offset:end]
@@ -313,7 +329,7 @@ def _rest_is_sound(key: HeaderKey) -> bool:
     except (MalformedError, struct.error):
         return False
     media = key.media_sop_instance_uid[8:].rstrip(b"\0 ").decode("ascii", "replace")
-    return media == str(key.per_instance[SOP_INSTANCE_UID].value)
+    return media == key.sop_instance_uid
 
 
 def _checked_end(raw: bytes, implicit: bool) -> int:
