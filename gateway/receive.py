@@ -40,7 +40,7 @@ from gateway.logs import get_logger
 from gateway.pdu import COMMAND, LAST, P_DATA_TF_TYPE, PDU_HEADER, pdata_reader, pdv_items
 from gateway.received_file import ReceivedFile
 from gateway.spool import EntryInfo, Spool, SpoolFullError
-from gateway.store_scp import StoreRequest, direct_stores, serve_stores
+from gateway.store_scp import StoreAnswer, StoreRequest, direct_stores, serve_stores
 
 
 def _log() -> FilteringBoundLogger:
@@ -471,7 +471,7 @@ class Receiver:
         """EVT_C_STORE handler, for the requests pynetdicom serves itself (see :mod:`gateway.store_scp`)."""
         request = cast(C_STORE, event.request)
         spooled = getattr(request, "_dataset_file", None)
-        return self._store(
+        answer = self._store(
             event.assoc,
             str(request.AffectedSOPClassUID),
             str(request.AffectedSOPInstanceUID),
@@ -479,8 +479,13 @@ class Receiver:
             Path(event.dataset_path),
             spooled if isinstance(spooled, ReceivedFile) else None,
         )
+        if answer.then is not None:  # pynetdicom sends the response only after this returns
+            answer.then()
+        return answer.status
 
-    def _store_direct(self, assoc: Association, request: StoreRequest, received: ReceivedFile) -> int:
+    def _store_direct(
+        self, assoc: Association, request: StoreRequest, received: ReceivedFile
+    ) -> StoreAnswer:
         """The handler of :mod:`gateway.store_scp`'s requests."""
         return self._store(
             assoc, request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax,
@@ -495,8 +500,12 @@ class Receiver:
         transfer_syntax: str,
         received: Path,
         spooled: ReceivedFile | None,
-    ) -> int:
-        """Admit one instance to the spool; the status tells the sender what happened."""
+    ) -> StoreAnswer:
+        """Admit one instance to the spool; the status tells the sender what
+        happened. An admitted instance is reported (metrics, log line, the
+        forwarder) once the sender has its Success: it is durable in the spool
+        by then, and the forwarder's rescan finds an entry whose report was
+        lost."""
         calling = str(assoc.requestor.ae_title).strip()
         assoc_id = self.assoc_id(assoc)
         refused = partial(self._refused, self.events, assoc_id, calling, sop_class_uid)
@@ -509,26 +518,26 @@ class Receiver:
                 full = spooled.error.errno in (errno.ENOSPC, errno.EDQUOT)
                 refused("spool-full" if full else "spool-write-failed", STATUS_OUT_OF_RESOURCES,
                         spooled.error)
-                return STATUS_OUT_OF_RESOURCES
+                return StoreAnswer(STATUS_OUT_OF_RESOURCES)
             size = received.stat().st_size
             if size > self.config.limits.max_instance_bytes:
                 received.unlink(missing_ok=True)
                 refused("instance-too-large", STATUS_TOO_LARGE)
-                return STATUS_TOO_LARGE
+                return StoreAnswer(STATUS_TOO_LARGE)
             route = self.config.route_for(calling, sop_class_uid)
             if route is None:
                 received.unlink(missing_ok=True)
                 refused("no-route", STATUS_NOT_AUTHORIZED)
-                return STATUS_NOT_AUTHORIZED
+                return StoreAnswer(STATUS_NOT_AUTHORIZED)
             key = header_key(received, decoded=False)  # the check decodes no value
             if _contradicts_request(received, key, sop_class_uid, instance_uid):
                 received.unlink(missing_ok=True)
                 refused("data-set-mismatch", STATUS_DATA_SET_MISMATCH)
-                return STATUS_DATA_SET_MISMATCH
+                return StoreAnswer(STATUS_DATA_SET_MISMATCH)
             if self.checked.check_keyed(received, key, self.pixel_classes) is not None:
                 received.unlink(missing_ok=True)
                 refused("malformed-data-set", STATUS_MALFORMED)
-                return STATUS_MALFORMED
+                return StoreAnswer(STATUS_MALFORMED)
             info = EntryInfo(
                 calling_ae_title=calling,
                 sop_class_uid=sop_class_uid,
@@ -540,27 +549,31 @@ class Receiver:
             entry_id = self.spool.admit(received, info)
         except SpoolFullError:
             refused("spool-full", STATUS_OUT_OF_RESOURCES)
-            return STATUS_OUT_OF_RESOURCES
+            return StoreAnswer(STATUS_OUT_OF_RESOURCES)
         except OSError as exc:
             received.unlink(missing_ok=True)
             refused("spool-write-failed", STATUS_OUT_OF_RESOURCES, exc)
-            return STATUS_OUT_OF_RESOURCES
+            return StoreAnswer(STATUS_OUT_OF_RESOURCES)
         except Exception as exc:  # never let a handler error become a crash or a Success
             received.unlink(missing_ok=True)
             refused("internal-error", STATUS_CANNOT_PROCESS, exc)
-            return STATUS_CANNOT_PROCESS
-        self.events.record_received(sop_class_uid, size)
-        _log().info(
-            "instance.received",
-            assoc_id=assoc_id,
-            outcome="accepted",
-            calling_ae=calling,
-            sop_class=metrics.sop_class_label(sop_class_uid),
-            size_bytes=size,
-            spool_seconds=time.monotonic() - started,
-        )
-        self.events.admitted(entry_id)
-        return STATUS_SUCCESS
+            return StoreAnswer(STATUS_CANNOT_PROCESS)
+        spool_seconds = time.monotonic() - started
+
+        def report() -> None:
+            self.events.record_received(sop_class_uid, size)
+            _log().info(
+                "instance.received",
+                assoc_id=assoc_id,
+                outcome="accepted",
+                calling_ae=calling,
+                sop_class=metrics.sop_class_label(sop_class_uid),
+                size_bytes=size,
+                spool_seconds=spool_seconds,
+            )
+            self.events.admitted(entry_id)
+
+        return StoreAnswer(STATUS_SUCCESS, report)
 
     @staticmethod
     def _refused(

@@ -70,10 +70,19 @@ class StoreRequest:
     transfer_syntax: str
 
 
-#: Admits the received file; returns the C-STORE status. Called in the DUL
-#: thread with the file still open, which is closed and deleted (if the
-#: handler did not move it) afterwards, as pynetdicom does.
-StoreHandler = Callable[[Association, StoreRequest, ReceivedFile], int]
+@dataclass(frozen=True, slots=True)
+class StoreAnswer:
+    """A handler's answer: the C-STORE status, and what to do once the sender
+    has it (reports that need not hold the response back)."""
+
+    status: int
+    then: Callable[[], None] | None = None
+
+
+#: Admits the received file and answers. Called in the DUL thread with the
+#: file still open, which is closed and deleted (if the handler did not move
+#: it) afterwards, as pynetdicom does.
+StoreHandler = Callable[[Association, StoreRequest, ReceivedFile], StoreAnswer]
 
 #: Status when the handler raised (pynetdicom's: Cannot Understand).
 STATUS_HANDLER_FAILED = 0xC211
@@ -230,15 +239,17 @@ class DirectStores:
         assert request is not None and received is not None
         self._request, self._file = None, None
         try:
-            status = self._handler(self._assoc, request, received)
+            answer = self._handler(self._assoc, request, received)
         except Exception:  # the handler answers for its own errors; this is a last resort
-            status = STATUS_HANDLER_FAILED
+            answer = StoreAnswer(STATUS_HANDLER_FAILED)
         finally:  # as pynetdicom: the handler moved the file unless it refused it
             _close_and_delete(received)
         self.served += 1
         transport: Any = dul.socket
         if dul.state_machine.current_state == _VALID_DUL_STATE and self._assoc.is_established and transport:
-            transport.send(_response_pdu(request, status))
+            transport.send(_response_pdu(request, answer.status))
+        if answer.then is not None:
+            answer.then()
 
 
 

@@ -35,7 +35,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from gateway.dimse import command_pdu, decode_store_request, encode_store_response, file_meta
 from gateway.receive import configure_receiving, set_nodelay
 from gateway.received_file import ReceivedFile
-from gateway.store_scp import StoreRequest, direct_stores, serve_stores
+from gateway.store_scp import StoreAnswer, StoreRequest, direct_stores, serve_stores
 from gateway.synthetic import PlantedPHI, write_secondary_capture
 from tests.peers import free_port, storescu
 
@@ -127,7 +127,9 @@ class Server:
     handler keeps a copy of each received file and answers ``status``."""
 
     def __init__(self, directory: Path, status: Callable[[], int] = lambda: 0x0000,
-                 extra_handlers: list[Any] | None = None) -> None:
+                 extra_handlers: list[Any] | None = None,
+                 then: Callable[[], None] | None = None) -> None:
+        self.then = then
         self.incoming = directory / "incoming"
         self.incoming.mkdir(parents=True)
         self.kept = directory / "kept"
@@ -161,12 +163,12 @@ class Server:
         if stores is not None:
             stores.discard()
 
-    def _direct_store(self, assoc: Any, request: StoreRequest, received: ReceivedFile) -> int:
+    def _direct_store(self, assoc: Any, request: StoreRequest, received: ReceivedFile) -> StoreAnswer:
         assert threading.current_thread() is assoc.dul  # served where the PDUs are read
         self.direct.append(request)
         received.flush()
         Path(received.name).rename(self.kept / f"{len(self.direct)}.dcm")
-        return self.status()
+        return StoreAnswer(self.status(), self.then)
 
     def _pynetdicom_store(self, event: evt.Event) -> int:
         self.by_pynetdicom.append(str(event.request.AffectedSOPInstanceUID))
@@ -252,6 +254,31 @@ def test_the_handler_status_reaches_the_sender_and_echo_keeps_pynetdicom_path(
             assoc.release()
         assert len(srv.direct) == 1
         assert list(srv.incoming.iterdir()) == []
+    finally:
+        srv.stop()
+
+
+def test_what_follows_the_answer_does_not_hold_the_response_back(
+    tmp_path: Path, instances: list[Path]
+) -> None:
+    """The handler's reports run once the sender has its response: here they
+    wait until the sender has it, which would be never if they ran first."""
+    answered = threading.Event()
+    ran: list[bool] = []
+
+    def then() -> None:
+        ran.append(answered.wait(30))
+
+    srv = Server(tmp_path / "scp", then=then)
+    try:
+        assoc = _associate(srv)
+        try:
+            assert assoc.send_c_store(dcmread(instances[0])).Status == 0x0000
+            answered.set()
+            _wait(lambda: bool(ran))
+            assert ran == [True]
+        finally:
+            assoc.release()
     finally:
         srv.stop()
 
