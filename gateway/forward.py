@@ -1,9 +1,11 @@
 """Forwarder workers: de-identify spooled instances and deliver them.
 
-Each worker takes a due spool entry, runs the route's engine into ``work/``,
-and delivers the output to every destination of the route not yet served,
-sending from file (``STORE_SEND_CHUNKED_DATASET``) in the instance's own
-transfer syntax over an association it keeps open per destination. A spool
+Each worker takes a due spool entry, runs the route's engine into ``work/``
+(the new header; the unchanged pixel data stays in the spooled input), and
+delivers the instance to every destination of the route not yet served, in
+its own transfer syntax over an association it keeps open per destination:
+sent from the two files by :mod:`gateway.store_scu`, or filled into one file
+for a folder and for pynetdicom's own sending (``STORE_SEND_CHUNKED_DATASET``). A spool
 entry is removed only when every destination has answered Success; failures
 are retried with exponential back-off and, after the last attempt, the entry
 goes to quarantine.

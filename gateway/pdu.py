@@ -13,6 +13,8 @@ PDU_HEADER = struct.Struct(">BBL")
 P_DATA_TF_TYPE = 0x04
 #: A presentation data value item's header: item length, context ID, message control header.
 PDV_HEADER = struct.Struct(">LBB")
+#: The state machine's state of an established association (PS3.8 Table 9-10).
+ESTABLISHED = "Sta6"
 #: Handlers that must see what pynetdicom's own path does: bound to an
 #: association, they keep its PDUs on that path.
 WATCHING_EVENTS = (
@@ -75,3 +77,14 @@ def pdata_reader(dul: Any) -> PDataReader | None:
     """The reader of received P-DATA PDUs of ``dul``'s association, if any."""
     reader: PDataReader | None = getattr(dul, _READER, None)
     return reader
+
+
+def nothing_pending(dul: Any) -> bool:
+    """The association is established and pynetdicom holds no event or PDU
+    received before the one just read: a PDU taken here cannot overtake one
+    it has yet to act on."""
+    return (
+        dul.state_machine.current_state == ESTABLISHED
+        and not dul.event_queue.qsize()
+        and not dul._recv_pdu.qsize()
+    )

@@ -37,7 +37,7 @@ from gateway import metrics, wakeups
 from gateway.config import Config
 from gateway.deid.headerkey import CheckedHeaders, HeaderKey, header_key
 from gateway.logs import get_logger
-from gateway.pdu import COMMAND, LAST, P_DATA_TF_TYPE, PDU_HEADER, pdata_reader, pdv_items
+from gateway.pdu import COMMAND, LAST, P_DATA_TF_TYPE, PDU_HEADER, nothing_pending, pdata_reader, pdv_items
 from gateway.received_file import ReceivedFile
 from gateway.spool import EntryInfo, Spool, SpoolFullError
 from gateway.store_scp import StoreAnswer, StoreRequest, direct_stores, serve_stores
@@ -252,7 +252,7 @@ def _write_data_fragments(dul: DULServiceProvider, pdu: bytearray) -> bool:
     that does not add up, an event still queued before it, handlers bound to
     PDU events) returns False and takes pynetdicom's own path.
     """
-    if dul.state_machine.current_state != "Sta6" or dul.event_queue.qsize() or dul._recv_pdu.qsize():
+    if not nothing_pending(dul):
         return False
     assoc = dul.assoc
     message = assoc.dimse.message

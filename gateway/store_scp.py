@@ -54,7 +54,17 @@ from gateway.dimse import (
     encode_store_response,
     file_meta,
 )
-from gateway.pdu import COMMAND, LAST, WATCHING_EVENTS, Item, pdata_reader, pdv_items, set_pdata_reader
+from gateway.pdu import (
+    COMMAND,
+    ESTABLISHED,
+    LAST,
+    WATCHING_EVENTS,
+    Item,
+    nothing_pending,
+    pdata_reader,
+    pdv_items,
+    set_pdata_reader,
+)
 from gateway.received_file import ReceivedFile
 
 
@@ -102,7 +112,6 @@ def direct_stores(dul: DULServiceProvider) -> DirectStores | None:
     return stores if isinstance(stores, DirectStores) else None
 
 
-_VALID_DUL_STATE = "Sta6"
 
 
 class DirectStores:
@@ -145,9 +154,7 @@ class DirectStores:
     def _pynetdicom_idle(self, dul: DULServiceProvider) -> bool:
         assoc = self._assoc
         return (
-            dul.state_machine.current_state == _VALID_DUL_STATE
-            and not dul.event_queue.qsize()
-            and not dul._recv_pdu.qsize()
+            nothing_pending(dul)
             and assoc.dimse.message is None
             and assoc.is_established
             and not assoc._sent_release
@@ -246,7 +253,7 @@ class DirectStores:
             _close_and_delete(received)
         self.served += 1
         transport: Any = dul.socket
-        if dul.state_machine.current_state == _VALID_DUL_STATE and self._assoc.is_established and transport:
+        if dul.state_machine.current_state == ESTABLISHED and self._assoc.is_established and transport:
             transport.send(_response_pdu(request, answer.status))
         if answer.then is not None:
             answer.then()

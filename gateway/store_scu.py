@@ -50,7 +50,17 @@ from pynetdicom.pdu_primitives import P_DATA
 from gateway.deid.report import PixelReference
 from gateway.deid.stream import fill_pixels
 from gateway.dimse import command_pdu, decode_store_response, encode_store_request, read_file_meta
-from gateway.pdu import COMMAND, LAST, P_DATA_TF_TYPE, PDU_HEADER, PDV_HEADER, WATCHING_EVENTS, pdv_items
+from gateway.pdu import (
+    COMMAND,
+    ESTABLISHED,
+    LAST,
+    P_DATA_TF_TYPE,
+    PDU_HEADER,
+    PDV_HEADER,
+    WATCHING_EVENTS,
+    nothing_pending,
+    pdv_items,
+)
 
 #: A presentation data value item's header as written: length, context ID.
 _PDV_HEADER = struct.Struct(">LB")
@@ -99,7 +109,7 @@ class DirectPData:
         dul = self._dul
         transport = dul.socket
         return (
-            dul.state_machine.current_state == "Sta6"
+            dul.state_machine.current_state == ESTABLISHED
             and self._queued == self._written
             and transport is not None
             and transport.socket is not None
@@ -162,7 +172,6 @@ class DirectPData:
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 #: The largest data set fragment written (the archive's maximum PDU may be larger or unlimited).
 MAX_FRAGMENT = 4 * 1024 * 1024
-_VALID_DUL_STATE = "Sta6"
 
 
 class DirectResponse:
@@ -207,12 +216,7 @@ class ResponseReader:
         if item.context_id != context_id or item.control & (COMMAND | LAST) != COMMAND | LAST:
             return False
         dimse = self._assoc.dimse
-        if (
-            dul.state_machine.current_state != _VALID_DUL_STATE
-            or dul.event_queue.qsize()
-            or dul._recv_pdu.qsize()
-            or dimse.message is not None
-        ):
+        if not nothing_pending(dul) or dimse.message is not None:
             return False
         status = decode_store_response(bytes(pdu[item.start : item.stop]), message_id)
         if status is None:
