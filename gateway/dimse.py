@@ -16,6 +16,7 @@ import struct
 from typing import BinaryIO
 
 from pydicom.uid import UID
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.utils import validate_uid
 
@@ -165,7 +166,8 @@ _META_ELEMENT = struct.Struct("<HH2sH")
 _META_LONG_ELEMENT = struct.Struct("<HH2sHL")
 PREFIX = b"\0" * 128 + b"DICM"
 _META_UIDS = {0x0002: "sop_class", 0x0003: "sop_instance", 0x0010: "transfer_syntax"}
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+#: VRs whose explicit length is 32 bits (after two reserved bytes), as pydicom lists them.
+_LONG_VRS = frozenset(str(vr).encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
 
 
 def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
