@@ -112,8 +112,6 @@ def direct_stores(dul: DULServiceProvider) -> DirectStores | None:
     return stores if isinstance(stores, DirectStores) else None
 
 
-
-
 class DirectStores:
     """Serves the C-STORE requests of one association in its DUL thread (see the module)."""
 
@@ -257,7 +255,6 @@ class DirectStores:
             transport.send(_response_pdu(request, answer.status))
         if answer.then is not None:
             answer.then()
-
 
 
 def _close_and_delete(received: ReceivedFile) -> None:

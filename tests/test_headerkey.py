@@ -25,8 +25,6 @@ UIDS = st.integers(min_value=1, max_value=2**128 - 1).map(lambda n: f"2.25.{n}")
 NUMBERS = st.integers(min_value=1, max_value=2**31 - 1)
 
 
-
-
 def write(template: Dataset, path: Path, uid: str, number: int, **changes: str) -> Path:
     ds = copy.deepcopy(template)  # Dataset.copy() shares the elements
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
@@ -112,7 +110,6 @@ def test_a_known_header_does_not_let_a_broken_instance_through(
     assert (full is not None) == refused
     assert checked.check(bad) == full
     assert (checked.hits, checked.misses) == (1, 2)
-
 
 
 def test_the_key_and_pydicom_find_the_same_identity_and_contradictions(

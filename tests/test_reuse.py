@@ -32,8 +32,6 @@ SETTINGS = settings(
 )
 
 
-
-
 def write_instance(
     template: Dataset, path: Path, uid: str, number: int, comments: str | None = None
 ) -> Path:
