@@ -3,9 +3,11 @@
 pynetdicom is run with ``STORE_RECV_CHUNKED_DATASET``: it streams each C-STORE
 data set into a Part-10 file (128-byte preamble, ``DICM``, File Meta built from
 the command set and the accepted transfer syntax, then the data set exactly as
-received) and hands the C-STORE handler its path. The handler moves that file
-into the spool and answers Success only once the entry is durable;
-pynetdicom's own clean-up afterwards finds nothing left to delete.
+received) and hands the C-STORE handler its path; :mod:`gateway.store_scp`
+writes the same file for the requests it serves itself, in the thread that
+reads them. The handler moves that file into the spool and answers Success
+only once the entry is durable; the clean-up afterwards finds nothing left to
+delete.
 """
 
 from __future__ import annotations
