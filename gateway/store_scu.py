@@ -307,44 +307,164 @@ def send_store(
     unfinished. Raises OSError when the connection fails while the request
     is written.
     """
-    if not assoc.is_established or any(assoc.get_handlers(event) for event in WATCHING_EVENTS):
-        return None
     with source.path.open("rb") as fp:
         meta = read_file_meta(fp)
     if meta is None:
         return None
-    sop_class_uid, sop_instance_uid, transfer_syntax, start = meta
-    context_id = _context_id(assoc, sop_class_uid, transfer_syntax)
-    data_set = _skip(source.segments(), start)
-    if context_id is None or not data_set:
+    data_set = _skip(source.segments(), meta[3])
+    if not data_set:
         return None
-    command = command_pdu(context_id, encode_store_request(message_id, sop_class_uid, sop_instance_uid))
-    # As pynetdicom does: pause the association's reactor, so that it
-    # cannot take the response off the queue first.
-    assoc._reactor_checkpoint.clear()
-    try:
-        while not assoc._is_paused:
-            time.sleep(0.0001)
-        reader.expect(context_id, message_id)
-        if not pdata.write(command):
-            reader.forget()
+    request = StoreRequestWriter.open(assoc, pdata, reader, meta, message_id)
+    if request is None:
+        return None
+    return request.finish(data_set, before_last)
+
+
+class StoreRequestWriter:
+    """One C-STORE request written in parts: the command at once, then the
+    data set as its bytes become available (:meth:`write`), and the last
+    fragment when the caller allows (:meth:`finish`), or never
+    (:meth:`abandon`). Its files stay open until it ends, so a file renamed
+    meanwhile is still read.
+
+    From :meth:`open` to its end the association's reactor is paused, as
+    pynetdicom pauses it for a whole C-STORE."""
+
+    def __init__(self, assoc: Any, pdata: DirectPData, reader: ResponseReader, context_id: int) -> None:
+        self._assoc = assoc
+        self._pdata = pdata
+        self._reader = reader
+        self._context_id = context_id
+        self._files = contextlib.ExitStack()
+        self._open_files: dict[Path, io.BufferedReader] = {}
+        self._ended = False
+
+    @classmethod
+    def open(
+        cls,
+        assoc: Any,
+        pdata: DirectPData,
+        reader: ResponseReader,
+        meta: tuple[str, str, str, int],
+        message_id: int,
+    ) -> StoreRequestWriter | None:
+        """Write the command of a C-STORE of the instance whose File Meta
+        Information is ``meta`` (:func:`~gateway.dimse.read_file_meta`); None,
+        nothing sent, when it must be sent with pynetdicom (see the module)."""
+        if not assoc.is_established or any(assoc.get_handlers(event) for event in WATCHING_EVENTS):
             return None
-        _write_data_set(assoc, pdata, data_set, context_id, before_last)
-        _, response = assoc.dimse.get_msg(block=True)
-    except BaseException:
-        reader.forget()
-        raise
-    finally:
-        assoc._reactor_checkpoint.set()
-    if response is None:
-        assoc._handle_no_response()
-        return Dataset()
-    if isinstance(response, DirectResponse):
-        status = Dataset()
-        status.Status = response.status
-        return status
-    checked: Dataset = assoc._check_received_status(response)
-    return checked
+        sop_class_uid, sop_instance_uid, transfer_syntax, _ = meta
+        context_id = _context_id(assoc, sop_class_uid, transfer_syntax)
+        if context_id is None:
+            return None
+        command = command_pdu(context_id, encode_store_request(message_id, sop_class_uid, sop_instance_uid))
+        # As pynetdicom does: pause the association's reactor, so that it
+        # cannot take the response off the queue first.
+        assoc._reactor_checkpoint.clear()
+        try:
+            while not assoc._is_paused:
+                time.sleep(0.0001)
+            reader.expect(context_id, message_id)
+            if not pdata.write(command):
+                reader.forget()
+                assoc._reactor_checkpoint.set()
+                return None
+        except BaseException:
+            reader.forget()
+            assoc._reactor_checkpoint.set()
+            raise
+        return cls(assoc, pdata, reader, context_id)
+
+    def write(self, segments: list[Segment]) -> None:
+        """Write the bytes of ``segments`` (an even count) as data set
+        fragments that are not the last. Raises OSError when the connection fails."""
+        try:
+            self._write(segments, last=False, before_last=None)
+        except BaseException:
+            self.abandon()
+            raise
+
+    def finish(self, segments: list[Segment], before_last: Callable[[], object] | None = None) -> Dataset:
+        """Write the rest of the data set, ``segments`` (not empty), the last
+        fragment only once ``before_last`` has returned (see
+        :func:`send_store`), and wait for the response."""
+        try:
+            self._write(segments, last=True, before_last=before_last)
+            _, response = self._assoc.dimse.get_msg(block=True)
+        except BaseException:
+            self.abandon()
+            raise
+        self._end()
+        if response is None:
+            self._assoc._handle_no_response()
+            return Dataset()
+        if isinstance(response, DirectResponse):
+            status = Dataset()
+            status.Status = response.status
+            return status
+        checked: Dataset = self._assoc._check_received_status(response)
+        return checked
+
+    def abandon(self) -> None:
+        """Leave the request unfinished; the caller aborts the association,
+        so that the archive stores nothing."""
+        if not self._ended:
+            self._reader.forget()
+            self._end()
+
+    def _end(self) -> None:
+        self._ended = True
+        self._files.close()
+        self._assoc._reactor_checkpoint.set()
+
+    def _file(self, path: Path) -> io.BufferedReader:
+        file = self._open_files.get(path)
+        if file is None:
+            file = self._open_files[path] = self._files.enter_context(path.open("rb"))
+        return file
+
+    def _write(
+        self, segments: list[Segment], *, last: bool, before_last: Callable[[], object] | None
+    ) -> None:
+        """Write the bytes of ``segments`` as data set fragments, one per PDU,
+        copied from the files to the socket by the kernel; with ``last`` the
+        last of them ends the data set."""
+        if self._ended:
+            raise ConnectionError("the request has ended")
+        peer_maximum = int(self._assoc.acceptor.maximum_length or 0)
+        fragment = min(peer_maximum - PDV_HEADER.size, MAX_FRAGMENT) if peer_maximum else MAX_FRAGMENT
+        # Of even length, as a data set's elements are: dcmtk, for one,
+        # refuses an odd fragment.
+        fragment &= ~1
+        remaining = sum(segment.length for segment in segments)
+        if remaining % 2 or (last and not remaining):
+            raise ValueError("data set fragments must be of even length and the last one not empty")
+        left = deque(segments)
+        while remaining:
+            count = min(fragment, remaining)
+            remaining -= count
+            pieces = []
+            while count:
+                segment = left.popleft()
+                take = min(count, segment.length)
+                pieces.append((self._file(segment.path), segment.offset, take))
+                if take < segment.length:
+                    left.appendleft(Segment(segment.path, segment.offset + take, segment.length - take))
+                count -= take
+            length = sum(piece[2] for piece in pieces)
+            ends = last and not remaining
+            header = PDU_HEADER.pack(P_DATA_TF_TYPE, 0, length + PDV_HEADER.size) + PDV_HEADER.pack(
+                length + 2, self._context_id, LAST if ends else 0
+            )
+            if ends and before_last is not None:
+                try:
+                    before_last()
+                except InputNotReadyError:
+                    raise
+                except Exception as exc:
+                    raise InputNotReadyError(type(exc).__name__) from exc
+            if not self._pdata.write_from_files(header, pieces):
+                raise ConnectionError("the association ended while the data set was written")
 
 
 def _skip(segments: list[Segment], count: int) -> list[Segment]:
@@ -357,46 +477,3 @@ def _skip(segments: list[Segment], count: int) -> list[Segment]:
         rest.append(Segment(segment.path, segment.offset + count, segment.length - count))
         count = 0
     return rest
-
-
-def _write_data_set(
-    assoc: Any,
-    pdata: DirectPData,
-    segments: list[Segment],
-    context_id: int,
-    before_last: Callable[[], object] | None,
-) -> None:
-    """Write the bytes of ``segments`` as data set fragments, one per PDU,
-    copied from the files to the socket by the kernel."""
-    peer_maximum = int(assoc.acceptor.maximum_length or 0)
-    fragment = min(peer_maximum - PDV_HEADER.size, MAX_FRAGMENT) if peer_maximum else MAX_FRAGMENT
-    remaining = sum(segment.length for segment in segments)
-    left = deque(segments)
-    with contextlib.ExitStack() as stack:
-        files: dict[Path, io.BufferedReader] = {}
-        while remaining:
-            count = min(fragment, remaining)
-            remaining -= count
-            pieces = []
-            while count:
-                segment = left.popleft()
-                if segment.path not in files:
-                    files[segment.path] = stack.enter_context(segment.path.open("rb"))
-                take = min(count, segment.length)
-                pieces.append((files[segment.path], segment.offset, take))
-                if take < segment.length:
-                    left.appendleft(Segment(segment.path, segment.offset + take, segment.length - take))
-                count -= take
-            length = sum(piece[2] for piece in pieces)
-            header = PDU_HEADER.pack(P_DATA_TF_TYPE, 0, length + PDV_HEADER.size) + PDV_HEADER.pack(
-                length + 2, context_id, 0 if remaining else LAST
-            )
-            if not remaining and before_last is not None:
-                try:
-                    before_last()
-                except InputNotReadyError:
-                    raise
-                except Exception as exc:
-                    raise InputNotReadyError(type(exc).__name__) from exc
-            if not pdata.write_from_files(header, pieces):
-                raise ConnectionError("the association ended while the data set was written")
