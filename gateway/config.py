@@ -189,6 +189,9 @@ class Forwarding:
     #: Seconds between two checks of each destination (C-ECHO, or a write test
     #: for a folder); the result feeds ``destination_up`` and ``/readyz``.
     echo_interval: float
+    #: An instance whose data set grows past this many bytes while it arrives
+    #: is forwarded while it arrives (:mod:`gateway.cut_through`); 0: never.
+    cut_through_bytes: int = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -511,7 +514,8 @@ def parse_config(data: object, base: Path, generate_key: bool = False) -> Config
         top.child("forwarding") if top.has("forwarding") else _Reader({}, "forwarding", base)
     )
     forwarding.check_known(
-        ("workers", "max_attempts", "backoff_initial", "backoff_max", "echo_interval")
+        ("workers", "max_attempts", "backoff_initial", "backoff_max", "echo_interval",
+         "cut_through_bytes")
     )
     metrics = None
     if top.has("metrics"):
@@ -552,6 +556,7 @@ def parse_config(data: object, base: Path, generate_key: bool = False) -> Config
             backoff_initial=forwarding.number("backoff_initial", 2.0, 0.01),
             backoff_max=forwarding.number("backoff_max", 600.0, 0.01),
             echo_interval=forwarding.number("echo_interval", 30.0, 0.1),
+            cut_through_bytes=forwarding.size("cut_through_bytes", 64 * 2**20),
         ),
         metrics=metrics,
         audit_url=_audit_url(top, spool_dir),

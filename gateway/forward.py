@@ -13,14 +13,12 @@ goes to quarantine.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import itertools
 import os
 import queue
 import shutil
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -38,16 +36,26 @@ from structlog.typing import FilteringBoundLogger
 from gateway import metrics
 from gateway.audit import AuditEntry, AuditTrail, sha256_file
 from gateway.config import Config, DicomDestination, FolderDestination, Route
+from gateway.cut_through import Arrival, CutThrough
 from gateway.deid.mapping import MappingWriter
 from gateway.deid.profile import Profile
 from gateway.deid.report import DeidReport, Outcome
 from gateway.health import writable_directory_check
 from gateway.logs import association_logger, get_logger, instance_logger
 from gateway.pdu import set_pdata_reader
+from gateway.priority import FORWARD_NICE, lower_thread_priority
 from gateway.quarantine import Quarantine, Reason
 from gateway.receive import set_nodelay
 from gateway.spool import EntryInfo, Spool, fsync_dir
-from gateway.store_scu import DirectPData, InputNotReadyError, ResponseReader, StoreSource, send_store
+from gateway.store_scu import (
+    DirectPData,
+    InputNotReadyError,
+    ResponseReader,
+    Segment,
+    StoreRequestWriter,
+    StoreSource,
+    send_store,
+)
 
 
 def _log() -> FilteringBoundLogger:
@@ -125,6 +133,12 @@ class Scheduler:
             heapq.heappush(self._heap, (time.monotonic() + delay, next(self._seq), entry_id))
             self._cond.notify()
 
+    def claim(self, entry_id: str) -> None:
+        """Take an entry that is not due yet for another thread: until it is
+        finished or put back (:meth:`retry`), adding it does nothing."""
+        with self._cond:
+            self._known.add(entry_id)
+
     def retry(self, entry_id: str, delay: float) -> None:
         """Put back an entry a worker holds, due after ``delay`` seconds."""
         with self._cond:
@@ -180,28 +194,6 @@ def _limit_send_queue(assoc: Any) -> None:
         original(primitive)
 
     dul.send_pdu = send_pdu
-
-
-#: How much nicer than the receiver the forwarding threads run (see
-#: :func:`lower_thread_priority`).
-FORWARD_NICE = 10
-
-
-def lower_thread_priority(increment: int) -> None:
-    """Make the calling thread (and the threads it starts) ``increment`` nicer.
-
-    Acknowledging a C-STORE is a chain of steps between the sender and the
-    receiving process, each waiting for the other; forwarding is work that
-    the spool lets wait. On a busy machine the scheduler then gives the CPU
-    to the receiver first, and forwarding takes what is left (a nice of 10
-    still gets about a tenth of a contended core, and all of an idle one).
-    On Linux a nice value belongs to one thread; elsewhere this does nothing.
-    """
-    if sys.platform != "linux":
-        return
-    tid = threading.get_native_id()
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
 
 
 def _client_ssl(dest: DicomDestination) -> tuple[ssl.SSLContext, str] | None:
@@ -328,6 +320,10 @@ class DicomLink:
             if pair not in self._accepted():
                 raise SendError("presentation context (transfer syntax) refused")
             status = self._store(source, before_last)
+        return self._code(status)
+
+    def _code(self, status: Dataset) -> int:
+        """The Success or Warning status of a response, or SendError."""
         if "Status" not in status:
             self.close()
             raise SendError("no response (association lost or timed out)")
@@ -335,6 +331,57 @@ class DicomLink:
         if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
             return code
         raise SendError(f"status 0x{code:04X}")
+
+    def begin(self, meta: tuple[str, str, str, int]) -> StoreRequestWriter | None:
+        """Start a C-STORE whose data set is written later (see
+        :mod:`gateway.cut_through`), of the instance whose File Meta is
+        ``meta``; None when it cannot be sent that way. The caller holds
+        ``lock`` until the request ends."""
+        pair = (meta[0], meta[2])
+        self.last_used = time.monotonic()
+        if pair not in self.wanted:
+            self.wanted[pair] = None
+        for _ in range(2):
+            fresh = False
+            if self.assoc is None or not self.assoc.is_established or pair not in self._accepted():
+                try:
+                    self._open()
+                except SendError:
+                    return None
+                fresh = True
+            if pair not in self._accepted() or self.pdata is None or self.reader is None:
+                return None
+            try:
+                return StoreRequestWriter.open(
+                    self.assoc, self.pdata, self.reader, meta, next(self._message_ids)
+                )
+            except OSError:
+                self.abort()  # a kept association the peer closed meanwhile
+                if fresh:
+                    return None
+        return None
+
+    def finish_stream(
+        self, writer: StoreRequestWriter, rest: list[Segment], before_last: Callable[[], object]
+    ) -> int:
+        """Complete a request from :meth:`begin` with ``rest`` of its data set;
+        return or raise as :meth:`send`."""
+        self.last_used = time.monotonic()
+        try:
+            status = writer.finish(rest, before_last)
+        except OSError:
+            self.abort()
+            raise SendError("connection lost while sending") from None
+        except InputNotReadyError:
+            self.abort()
+            raise
+        return self._code(status)
+
+    def abort(self) -> None:
+        """Abort the association: a request left unfinished is not stored."""
+        if self.assoc is not None:
+            self.assoc.abort()
+            self.assoc = None
 
     def close(self) -> None:
         if self.assoc is not None:
@@ -426,6 +473,16 @@ class Forwarder:
             for dest in config.destinations
             if isinstance(dest, DicomDestination)
         }
+        #: Large instances forwarded while they arrive, if enabled.
+        self.cut_through = CutThrough(self) if config.forwarding.cut_through_bytes else None
+
+    def route(self, name: str) -> Route | None:
+        """The route of that name, if configured."""
+        return self._routes.get(name)
+
+    def link(self, name: str) -> DicomLink | None:
+        """The association to the DICOM destination of that name."""
+        return self._links.get(name)
 
     def start(self, pending: Iterable[str]) -> None:
         for entry_id in pending:
@@ -439,6 +496,8 @@ class Forwarder:
         self._threads.append(rescan)
 
     def stop(self) -> None:
+        if self.cut_through is not None:
+            self.cut_through.stop()
         self._stop.set()
         self.scheduler.close()
         for thread in self._threads:
@@ -480,10 +539,20 @@ class Forwarder:
             if entry_id is None:
                 self._release_idle()
                 continue
-            try:
-                self._process(entry_id)
-            except Exception as exc:
-                self._fail_internal(entry_id, exc)
+            self._run(entry_id)
+
+    def process_arrival(self, entry_id: str, arrival: Arrival, input_sha256: Future[str]) -> None:
+        """Process an entry forwarded while it arrived, in the calling thread
+        (:mod:`gateway.cut_through`), with the input's hash computed meanwhile."""
+        self._run(entry_id, arrival, input_sha256)
+
+    def _run(
+        self, entry_id: str, arrival: Arrival | None = None, input_sha256: Future[str] | None = None
+    ) -> None:
+        try:
+            self._process(entry_id, arrival, input_sha256)
+        except Exception as exc:
+            self._fail_internal(entry_id, exc)
 
     def _release_idle(self) -> None:
         now = time.monotonic()
@@ -507,8 +576,9 @@ class Forwarder:
         except Exception:
             self.scheduler.retry(entry_id, self.config.forwarding.backoff_max)
 
-    def _job(self, entry_id: str, info: EntryInfo) -> _Job:
-        """Start processing an entry: its logger, the hash of its input, its route's profile."""
+    def _job(self, entry_id: str, info: EntryInfo, input_sha256: Future[str] | None = None) -> _Job:
+        """Start processing an entry: its logger, the hash of its input (unless
+        given), its route's profile."""
         log = instance_logger(
             association_logger(info.assoc_id, info.calling_ae_title), info.sop_class_uid
         )
@@ -516,8 +586,9 @@ class Forwarder:
         profile = (
             (engine.profile.name, engine.profile.content_hash) if engine is not None else _NO_PROFILE
         )
-        digest = self._hashing.submit(sha256_file, self.spool.instance(entry_id))
-        return _Job(entry_id, info, log, digest, profile)
+        if input_sha256 is None:
+            input_sha256 = self._hashing.submit(sha256_file, self.spool.instance(entry_id))
+        return _Job(entry_id, info, log, input_sha256, profile)
 
     def _audit(
         self,
@@ -568,11 +639,13 @@ class Forwarder:
             audit_seq=seq,
         )
 
-    def _process(self, entry_id: str) -> None:
+    def _process(
+        self, entry_id: str, arrival: Arrival | None = None, input_sha256: Future[str] | None = None
+    ) -> None:
         if not self.spool.path(entry_id).is_dir():
             self.scheduler.finish(entry_id)  # purged or handled meanwhile
             return
-        job = self._job(entry_id, self.spool.info(entry_id))
+        job = self._job(entry_id, self.spool.info(entry_id), input_sha256)
         route = self._routes.get(job.info.route)
         if route is None:
             self._hold(job, "route-missing", "the route of this entry is not configured")
@@ -629,11 +702,18 @@ class Forwarder:
                 return
             if self.mappings is not None:
                 self.mappings.add(report)
-            self._deliver(job, route, StoreSource(output, report.pixel_reference), report)
+            self._deliver(job, route, StoreSource(output, report.pixel_reference), report, arrival)
         finally:
             output.unlink(missing_ok=True)
 
-    def _send(self, name: str, job: _Job, output: StoreSource, transfer_syntax: str) -> None:
+    def _send(
+        self,
+        name: str,
+        job: _Job,
+        output: StoreSource,
+        transfer_syntax: str,
+        arrival: Arrival | None = None,
+    ) -> None:
         """Deliver to one destination. Nothing is delivered before the input's
         hash is known (the archive gets the last PDU only then): a failure to
         hash raises :class:`InputNotReadyError` from it, with nothing stored,
@@ -650,22 +730,34 @@ class Forwarder:
             input_hashed()
             write_to_folder(dest, output.whole())
             return
+        if arrival is not None and arrival.finish(name, output, input_hashed) is not None:
+            return
         link = self._links[name]
         with link.lock:
             link.send(output, job.info.sop_class_uid, transfer_syntax, before_last=input_hashed)
 
-    def _deliver(self, job: _Job, route: Route, output: StoreSource, report: DeidReport) -> None:
+    def _deliver(
+        self,
+        job: _Job,
+        route: Route,
+        output: StoreSource,
+        report: DeidReport,
+        arrival: Arrival | None = None,
+    ) -> None:
         entry_id, info = job.entry_id, job.info
         state = self.spool.state(entry_id)
         transfer_syntax = report.transfer_syntax_uid or info.transfer_syntax_uid
         size = output.size
         failures: list[str] = []
-        for name in route.destinations:
+        # Requests opened while the instance arrived hold their associations:
+        # they are completed first, so no other destination waits behind them.
+        streamed = arrival.destinations if arrival is not None else frozenset()
+        for name in sorted(route.destinations, key=lambda name: name not in streamed):
             if name in state.delivered:
                 continue
             started = time.monotonic()
             try:
-                self._send(name, job, output, transfer_syntax)
+                self._send(name, job, output, transfer_syntax, arrival)
             except (SendError, OSError, RuntimeError, ValueError) as exc:
                 seconds = time.monotonic() - started
                 text = str(exc) if isinstance(exc, SendError) else type(exc).__name__

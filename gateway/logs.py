@@ -147,7 +147,9 @@ FIELD_RULES: Final[Mapping[str, Rule]] = {
     "transfer_syntax": _registry_uid,
     "image_type": _one_of(metrics.IMAGE_TYPES),
     "outcome": _one_of(OUTCOMES),
-    "reason": _one_of(metrics.INSTANCE_REASONS | metrics.ASSOCIATION_REJECT_REASONS),
+    "reason": _one_of(
+        metrics.INSTANCE_REASONS | metrics.ASSOCIATION_REJECT_REASONS | metrics.CUT_THROUGH_REASONS
+    ),
     "status": _count,
     "destination": _destination,
     "profile_sha256": _matches(_SHA256, 64),

@@ -115,6 +115,23 @@ NODE_REASONS: Final = frozenset(
     }
 )
 
+#: Why an instance was not forwarded while it arrived (:mod:`gateway.cut_through`),
+#: or why a request opened while it arrived was abandoned; it then takes the
+#: normal path.
+CUT_THROUGH_REASONS: Final = frozenset(
+    {
+        "gone",
+        "header-unreadable",
+        "not-passed-unchanged",
+        "destinations-busy",
+        "output-differs",
+        "connection-lost",
+        "not-admitted",
+        "given-up",
+        "not-completed",
+    }
+)
+
 #: Reason codes of instances not forwarded. A code missing here is reported
 #: as ``"other"`` in metrics and ``[redacted]`` in logs.
 INSTANCE_REASONS: Final = ENGINE_REASONS | REDACTION_REASONS | NODE_REASONS
@@ -277,6 +294,15 @@ FORWARD_DURATION: Final = Histogram(
     registry=REGISTRY,
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
 )
+CUT_THROUGH: Final = Counter(
+    "cut_through",
+    "Large instances offered for forwarding while they arrive, by outcome: "
+    "forwarded, declined (normal path from the start) or abandoned (a request "
+    "left unfinished and its association aborted).",
+    ["outcome"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
 FORWARD_RETRIES: Final = Counter(
     "forward_retries",
     "Forward attempts repeated after a failure, by destination.",
@@ -438,6 +464,11 @@ def record_forward_attempt(
             destination=dest,
         ).inc()
         FORWARDED_BYTES.labels(destination=dest).inc(max(size_bytes, 0))
+
+
+def record_cut_through(outcome: str) -> None:
+    """Count one outcome of forwarding an instance while it arrives."""
+    CUT_THROUGH.labels(outcome=_bounded("outcome", outcome, ("forwarded", "declined", "abandoned"))).inc()
 
 
 def set_destination_up(destination: str, up: bool) -> None:

@@ -102,7 +102,9 @@ class Node:
                 open_folder(dest)
         self.audit = AuditTrail(self.config.audit_url)
         self.forwarder = Forwarder(self.config, self.spool, self.quarantine, self.engines, self.audit)
-        self.receiver = ReceiverProcess(self.config, self.forwarder.submit, self.spool.lock_fd)
+        self.receiver = ReceiverProcess(
+            self.config, self.forwarder.submit, self.spool.lock_fd, self.forwarder.cut_through
+        )
         configure_pynetdicom()
         metrics.set_build_info(
             __version__,

@@ -322,6 +322,12 @@ class ReceiveEvents(Protocol):
 
     def admitted(self, entry_id: str) -> None: ...
 
+    def arriving(self, path: str, info: EntryInfo) -> None:
+        """A large data set is arriving into ``path`` (see :mod:`gateway.cut_through`)."""
+
+    def arrival_ended(self, path: str, entry_id: str | None) -> None:
+        """Its receipt ended: admitted as ``entry_id``, or not (None)."""
+
     def record_association_accepted(self) -> None: ...
 
     def record_association_rejected(self, reason: str) -> None: ...
@@ -378,6 +384,35 @@ class _PolicyACSE(ACSE):
         super()._negotiate_as_acceptor()
 
 
+class _ArrivalReports:
+    """The receiver's :class:`~gateway.store_scp.ArrivalWatch`: a large data
+    set with a route is reported to the rest of the node as it arrives."""
+
+    def __init__(self, receiver: Receiver, threshold: int) -> None:
+        self._receiver = receiver
+        self.threshold = threshold
+
+    def arriving(self, assoc: Association, request: StoreRequest, path: str) -> bool:
+        receiver = self._receiver
+        calling = str(assoc.requestor.ae_title).strip()
+        route = receiver.config.route_for(calling, request.sop_class_uid)
+        if route is None:
+            return False
+        info = EntryInfo(
+            calling_ae_title=calling,
+            sop_class_uid=request.sop_class_uid,
+            transfer_syntax_uid=request.transfer_syntax,
+            route=route.name,
+            size=0,
+            assoc_id=receiver.assoc_id(assoc),
+        )
+        receiver.events.arriving(path, info)
+        return True
+
+    def ended(self, path: str, entry_id: str | None) -> None:
+        self._receiver.events.arrival_ended(path, entry_id)
+
+
 def server_ssl_context(config: Config) -> ssl.SSLContext | None:
     if config.tls is None:
         return None
@@ -418,6 +453,9 @@ class Receiver:
         self._assoc_ids: weakref.WeakKeyDictionary[Association, int] = weakref.WeakKeyDictionary()
         self._next_assoc_id = itertools.count(1)
         self._ids_lock = threading.Lock()
+        threshold = config.forwarding.cut_through_bytes
+        #: Tells the main process of large data sets while they arrive.
+        self._watch = _ArrivalReports(self, threshold) if threshold else None
 
     @property
     def listening(self) -> bool:
@@ -444,7 +482,7 @@ class Receiver:
             event.assoc.acse = _PolicyACSE(
                 event.assoc, self.permits, self.ae_known, assoc_id, self.events
             )
-            serve_stores(event.assoc, self._store_direct, self.spool.incoming)
+            serve_stores(event.assoc, self._store_direct, self.spool.incoming, self._watch)
 
     def _on_conn_close(self, event: evt.Event) -> None:
         stores = direct_stores(event.assoc.dul)
@@ -575,7 +613,7 @@ class Receiver:
             )
             self.events.admitted(entry_id)
 
-        return StoreAnswer(STATUS_SUCCESS, report)
+        return StoreAnswer(STATUS_SUCCESS, report, entry_id)
 
     @staticmethod
     def _refused(

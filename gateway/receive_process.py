@@ -11,7 +11,8 @@ of :mod:`multiprocessing` is started beside it.
 
 The child admits instances to the spool itself (the spool is a directory; the
 rename into ``ready/`` is what makes an entry exist) and tells the main
-process over a pipe: admitted entries, counts for the metrics and log events.
+process over a pipe: admitted entries, large data sets while they arrive
+(for :mod:`gateway.cut_through`), counts for the metrics and log events.
 The main process submits the entries to its forwarder, applies the counts to
 its own registry and writes the events through its own log guard, so
 ``/metrics`` and the log read as from one process.
@@ -41,7 +42,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, MutableMapping
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -50,7 +51,7 @@ from gateway.config import Config
 from gateway.deid.iod import pixel_data_sop_classes
 from gateway.logs import get_logger
 from gateway.receive import Receiver, configure_receiving
-from gateway.spool import Spool
+from gateway.spool import EntryInfo, Spool
 
 #: How long the child may take to import, load its tables and listen.
 START_SECONDS = 120.0
@@ -92,6 +93,12 @@ class _PipeEvents:
 
     def admitted(self, entry_id: str) -> None:
         self._channel.send(("admitted", entry_id))
+
+    def arriving(self, path: str, info: EntryInfo) -> None:
+        self._channel.send(("arriving", path, info))
+
+    def arrival_ended(self, path: str, entry_id: str | None) -> None:
+        self._channel.send(("arrival-ended", path, entry_id))
 
     def record_association_accepted(self) -> None:
         self._channel.send(("metric", "record_association_accepted", ()))
@@ -164,16 +171,32 @@ def _child(conn: Connection) -> None:
     channel.send(("stopped",))
 
 
+class Arrivals(Protocol):
+    """Where the large data sets the child reports while they arrive go."""
+
+    def arriving(self, path: str, info: EntryInfo) -> None: ...
+
+    def ended(self, path: str, entry_id: str | None) -> None: ...
+
+    def receiver_ended(self) -> None:
+        """The child ended: no data set it was receiving will end otherwise."""
+
+
 class ReceiverProcess:
     """Runs the receiver in a child process and relays what it reports."""
 
     def __init__(
-        self, config: Config, admitted: Callable[[str], None], spool_lock_fd: int | None = None
+        self,
+        config: Config,
+        admitted: Callable[[str], None],
+        spool_lock_fd: int | None = None,
+        arrivals: Arrivals | None = None,
     ) -> None:
         """``spool_lock_fd`` is inherited by the child, so that the spool stays
         locked while it lives (see :mod:`gateway.spool`)."""
         self.config = config
         self._admitted = admitted
+        self._arrivals = arrivals
         self._spool_lock_fd = spool_lock_fd
         self._process: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
@@ -235,6 +258,10 @@ class ReceiverProcess:
         kind = message[0]
         if kind == "admitted":
             self._admitted(message[1])
+        elif kind == "arriving" and self._arrivals is not None:
+            self._arrivals.arriving(message[1], message[2])
+        elif kind == "arrival-ended" and self._arrivals is not None:
+            self._arrivals.ended(message[1], message[2])
         elif kind == "metric" and message[1] in _METRICS:
             getattr(metrics, message[1])(*message[2])
         elif kind == "log":
@@ -249,6 +276,8 @@ class ReceiverProcess:
         while True:
             self._relay()
             self._listening = False
+            if self._arrivals is not None:
+                self._arrivals.receiver_ended()
             if self._stopping.is_set():
                 return
             get_logger(logger=__name__).critical("receiver.ended")

@@ -55,6 +55,11 @@ class ReceivedFile:
         self.error: OSError | None = None
 
     @property
+    def written(self) -> int:
+        """Bytes written so far."""
+        return self._written
+
+    @property
     def file(self) -> ReceivedFile:
         """pynetdicom flushes through ``.file``, as on a NamedTemporaryFile."""
         return self

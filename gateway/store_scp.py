@@ -24,6 +24,10 @@ or has another abstract syntax, a UID that is not one, a PDU read while
 pynetdicom has a message or an event in hand, an association that is being
 released, handlers bound to PDU, data or DIMSE events.
 
+A :class:`ArrivalWatch` is told when a data set being received grows past
+its threshold, and how its receipt ended (:mod:`gateway.cut_through`
+forwards it meanwhile).
+
 Once a request is taken here, every P-DATA PDU up to its last data set
 fragment must continue that data set (fragments on its presentation
 context). Anything else breaks PS3.8's rules for a message: the file is
@@ -38,7 +42,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
@@ -87,6 +91,24 @@ class StoreAnswer:
 
     status: int
     then: Callable[[], None] | None = None
+    #: The spool entry the data set became, when it was admitted.
+    entry_id: str | None = None
+
+
+class ArrivalWatch(Protocol):
+    """Told about the data sets that grow large while they arrive."""
+
+    #: Bytes written to the received file (meta included) before :meth:`arriving`.
+    threshold: int
+
+    def arriving(self, assoc: Association, request: StoreRequest, path: str) -> bool:
+        """The data set being received into ``path`` passed the threshold;
+        True when it is watched, and :meth:`ended` will be told."""
+
+    def ended(self, path: str, entry_id: str | None) -> None:
+        """The watched data set's receipt ended: admitted as ``entry_id`` (the
+        sender is answered by now), or refused or cut short (None; the file
+        is deleted)."""
 
 
 #: Admits the received file and answers. Called in the DUL thread with the
@@ -98,10 +120,12 @@ StoreHandler = Callable[[Association, StoreRequest, ReceivedFile], StoreAnswer]
 STATUS_HANDLER_FAILED = 0xC211
 
 
-def serve_stores(assoc: Association, handler: StoreHandler, incoming: Path) -> DirectStores:
+def serve_stores(
+    assoc: Association, handler: StoreHandler, incoming: Path, watch: ArrivalWatch | None = None
+) -> DirectStores:
     """Serve the C-STORE requests of ``assoc`` in its DUL thread (see the module);
     received files are written to ``incoming``."""
-    stores = DirectStores(assoc, handler, incoming)
+    stores = DirectStores(assoc, handler, incoming, watch)
     set_pdata_reader(assoc.dul, stores)
     return stores
 
@@ -115,12 +139,17 @@ def direct_stores(dul: DULServiceProvider) -> DirectStores | None:
 class DirectStores:
     """Serves the C-STORE requests of one association in its DUL thread (see the module)."""
 
-    def __init__(self, assoc: Association, handler: StoreHandler, incoming: Path) -> None:
+    def __init__(
+        self, assoc: Association, handler: StoreHandler, incoming: Path, watch: ArrivalWatch | None = None
+    ) -> None:
         self._assoc = assoc
         self._handler = handler
         self._incoming = incoming
+        self._watch = watch
         self._request: StoreRequest | None = None
         self._file: ReceivedFile | None = None
+        #: Whether the watch was told of the data set being received.
+        self._watched = False
         #: :meth:`discard` may run in another thread than the DUL's.
         self._lock = threading.Lock()
         self._closed = False
@@ -148,6 +177,12 @@ class DirectStores:
         received, self._file, self._request = self._file, None, None
         if received is not None:
             _close_and_delete(received)
+            self._ended(received, None)
+
+    def _ended(self, received: ReceivedFile, entry_id: str | None) -> None:
+        if self._watched and self._watch is not None:
+            self._watched = False
+            self._watch.ended(received.name, entry_id)
 
     def _pynetdicom_idle(self, dul: DULServiceProvider) -> bool:
         assoc = self._assoc
@@ -238,6 +273,9 @@ class DirectStores:
                 received.write(view[item.start : item.stop])
         if items and items[-1].control & LAST:
             self._finish(dul)
+        elif self._watch is not None and not self._watched and received.written >= self._watch.threshold:
+            assert self._request is not None
+            self._watched = self._watch.arriving(self._assoc, self._request, received.name)
 
     def _finish(self, dul: DULServiceProvider) -> None:
         request, received = self._request, self._file
@@ -253,6 +291,7 @@ class DirectStores:
         transport: Any = dul.socket
         if dul.state_machine.current_state == ESTABLISHED and self._assoc.is_established and transport:
             transport.send(_response_pdu(request, answer.status))
+        self._ended(received, answer.entry_id)
         if answer.then is not None:
             answer.then()
 

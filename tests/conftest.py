@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from pydicom.dataset import Dataset
 
 from gateway.deid import SecretKey
 from gateway.synthetic import PlantedPHI, SyntheticStudy, write_study
+from tests.peers import Storescp
 
 #: Seed of the synthetic patient shared by the de-identification tests.
 STUDY_SEED = 23
@@ -66,3 +68,13 @@ def volume_level(synthetic_study: SyntheticStudy) -> Dataset:
         if "VOLUME" in ds.ImageType and "PixelData" in ds:
             return ds
     raise AssertionError("the synthetic slide has no VOLUME level")
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Iterator[Storescp]:
+    """dcmtk's storescp as a research archive, stopped after the test."""
+    peer = Storescp(tmp_path / "archive").start()
+    try:
+        yield peer
+    finally:
+        peer.stop()

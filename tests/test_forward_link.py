@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,8 @@ import pytest
 from gateway.config import DicomDestination
 from gateway.deid.report import PixelReference
 from gateway.deid.stream import _file_meta_end
-from gateway.forward import FORWARD_NICE, DicomLink, SendError, lower_thread_priority
+from gateway.forward import DicomLink, SendError
+from gateway.priority import FORWARD_NICE, lower_thread_priority
 from gateway.receive import configure_pynetdicom
 from gateway.store_scu import DirectPData, InputNotReadyError, StoreSource
 from gateway.synthetic import write_large_volume
@@ -31,14 +32,6 @@ VOLUME_BYTES = 8 * 2**20
 def volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_large_volume(tmp_path_factory.mktemp("link") / "volume.dcm", VOLUME_BYTES)
 
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Iterator[Storescp]:
-    scp = Storescp(tmp_path / "archive").start()
-    try:
-        yield scp
-    finally:
-        scp.stop()
 
 
 def _link(archive: Storescp) -> DicomLink:

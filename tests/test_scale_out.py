@@ -40,14 +40,6 @@ def _config(key_file: Path, archive: Storescp) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def archive(tmp_path: Path) -> Iterator[Storescp]:
-    peer = Storescp(tmp_path / "archive").start()
-    try:
-        yield peer
-    finally:
-        peer.stop()
-
 
 def _referenced_uids(ds: Dataset) -> Iterator[str]:
     """Every Referenced SOP Instance UID at any depth."""
