@@ -192,6 +192,9 @@ class Forwarding:
     #: An instance whose data set grows past this many bytes while it arrives
     #: is forwarded while it arrives (:mod:`gateway.cut_through`); 0: never.
     cut_through_bytes: int = 64 * 2**20
+    #: How fast such an instance's pixel data is sent while it arrives, in
+    #: bytes a second; 0: only once it is acknowledged.
+    cut_through_rate: int = 0
 
 
 @dataclass(frozen=True)
@@ -515,7 +518,7 @@ def parse_config(data: object, base: Path, generate_key: bool = False) -> Config
     )
     forwarding.check_known(
         ("workers", "max_attempts", "backoff_initial", "backoff_max", "echo_interval",
-         "cut_through_bytes")
+         "cut_through_bytes", "cut_through_rate")
     )
     metrics = None
     if top.has("metrics"):
@@ -557,6 +560,7 @@ def parse_config(data: object, base: Path, generate_key: bool = False) -> Config
             backoff_max=forwarding.number("backoff_max", 600.0, 0.01),
             echo_interval=forwarding.number("echo_interval", 30.0, 0.1),
             cut_through_bytes=forwarding.size("cut_through_bytes", 64 * 2**20),
+            cut_through_rate=forwarding.size("cut_through_rate", 0),
         ),
         metrics=metrics,
         audit_url=_audit_url(top, spool_dir),

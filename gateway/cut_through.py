@@ -10,11 +10,15 @@ the receiver grows past ``forwarding.cut_through_bytes``, the main process:
    by an empty element of the same tag and VR. Nothing is sent unless the
    engine passes the instance with its pixel data unchanged (by reference,
    as it passes every VOLUME image);
-2. opens a C-STORE on every DICOM destination of the route whose association
-   is free, sends the de-identified header, then the pixel data as it
-   arrives: only bytes known to lie inside the pixel data element (item by
-   item for encapsulated pixel data), never its last byte. The input is
-   hashed as it arrives;
+2. hashes the input as it arrives and, with ``forwarding.cut_through_rate``
+   set, opens a C-STORE on every DICOM destination of the route whose
+   association is free, sends the de-identified header, then the pixel data
+   as it arrives, at most at that rate: only bytes known to lie inside the
+   pixel data element (item by item for encapsulated pixel data), never its
+   last byte. Without a rate the request is opened once the instance is
+   acknowledged: on a host where the sender, the gateway and the archive
+   share few cores, pixel data sent during the receipt slows the receipt
+   (and so the sender's acknowledgement) about as much as it saves later;
 3. once the receiver has admitted the instance (durable in the spool, the
    sender answered Success), processes the entry as any other
    (:class:`~gateway.forward.Forwarder`): the full run of the engine on the
@@ -66,6 +70,8 @@ if TYPE_CHECKING:
 MAX_ARRIVALS = 2
 #: The header must lie within this many bytes of the file's start.
 MAX_HEADER_BYTES = 64 * 2**20
+#: The first read of the header; each next one is four times larger.
+HEADER_STEP = 2**20
 #: How long a data set may arrive without growing before it is given up
 #: (longer than the receiver's network timeout, after which it ends anyway).
 STALL_SECONDS = 150.0
@@ -294,31 +300,54 @@ class Arrival:
         if meta is None:
             self._declined("not-passed-unchanged")
             return None
+        self._sent = element.start
+        rate = self._owner.forwarder.config.forwarding.cut_through_rate
+        # Without a rate the pixel data waits for the acknowledgement: the
+        # request is opened only then, so the archive never waits on the receipt.
+        if not rate and not self._wait_for_end():
+            self._declined("not-admitted")
+            return None
         self._open_streams(meta)
         if not self._streams:
             self._declined("destinations-busy")
             return None
         for name in self._streams:
             _log().info("cut-through.started", assoc_id=self.info.assoc_id, destination=name)
-        self._sent = element.start
-        self._pump(PixelScan(self._fd, element))
+        if rate:
+            self._pump(PixelScan(self._fd, element), rate)
         self._sent_ahead = self._sent - element.start
         if self._entry_id is None or self.stopping:
             self._abandon_all("not-admitted")
             return None
         return self._entry_id
 
+    def _wait_for_end(self) -> bool:
+        """Wait for the receipt to end; True when it ended admitted."""
+        size = os.fstat(self._fd).st_size
+        while not self._ended.is_set():
+            if not self._wait_for_growth(size):
+                break
+            size = os.fstat(self._fd).st_size
+        return self._ended.is_set() and self._entry_id is not None and not self.stopping
+
     @property
     def stopping(self) -> bool:
         return self._owner.stopping
 
     def _wait_for_header(self) -> PixelElement | None:
+        """The pixel data element, once the header before it has arrived;
+        read in growing steps, since most headers are far smaller than the
+        file is when it is announced."""
+        step = HEADER_STEP
         while True:
             size = os.fstat(self._fd).st_size
-            data = os.pread(self._fd, min(size, MAX_HEADER_BYTES), 0)
+            data = os.pread(self._fd, min(size, step), 0)
             element = locate_pixels(data)
             if element is not None:
                 return element
+            if len(data) == step and step < MAX_HEADER_BYTES:
+                step *= 4
+                continue
             if size >= MAX_HEADER_BYTES or not self._wait_for_growth(size):
                 return None
 
@@ -381,15 +410,18 @@ class Arrival:
                 continue
             self._streams[name] = _Stream(name, link, writer)
 
-    def _pump(self, scan: PixelScan) -> None:
+    def _pump(self, scan: PixelScan, rate: int) -> None:
         """Send the pixel data known to be inside its element as it arrives,
-        until the receipt ends (the rest is sent by :meth:`finish`)."""
-        deadline = time.monotonic() + STALL_SECONDS
+        at most ``rate`` bytes a second, until the receipt ends (the rest is
+        sent by :meth:`finish`)."""
+        started, first = time.monotonic(), self._sent
+        deadline = started + STALL_SECONDS
         while self._streams and not self.stopping and not self._ended.is_set():
             size = os.fstat(self._fd).st_size
             inside = scan.inside(size)
             # Never the element's last byte: the last PDU is the full run's to send.
             limit = min(size, inside if scan.end is None else scan.end - 1)
+            limit = min(limit, first + int(rate * (time.monotonic() - started)))
             if limit - self._sent < STEP:
                 if time.monotonic() > deadline:
                     return
