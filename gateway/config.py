@@ -191,10 +191,7 @@ class Forwarding:
     echo_interval: float
     #: An instance whose data set grows past this many bytes while it arrives
     #: is forwarded while it arrives (:mod:`gateway.cut_through`); 0: never.
-    cut_through_bytes: int = 64 * 2**20
-    #: How fast such an instance's pixel data is sent while it arrives, in
-    #: bytes a second; 0: only once it is acknowledged.
-    cut_through_rate: int = 0
+    cut_through_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -518,7 +515,7 @@ def parse_config(data: object, base: Path, generate_key: bool = False) -> Config
     )
     forwarding.check_known(
         ("workers", "max_attempts", "backoff_initial", "backoff_max", "echo_interval",
-         "cut_through_bytes", "cut_through_rate")
+         "cut_through_bytes")
     )
     metrics = None
     if top.has("metrics"):
@@ -559,8 +556,7 @@ def parse_config(data: object, base: Path, generate_key: bool = False) -> Config
             backoff_initial=forwarding.number("backoff_initial", 2.0, 0.01),
             backoff_max=forwarding.number("backoff_max", 600.0, 0.01),
             echo_interval=forwarding.number("echo_interval", 30.0, 0.1),
-            cut_through_bytes=forwarding.size("cut_through_bytes", 64 * 2**20),
-            cut_through_rate=forwarding.size("cut_through_rate", 0),
+            cut_through_bytes=forwarding.size("cut_through_bytes", 0),
         ),
         metrics=metrics,
         audit_url=_audit_url(top, spool_dir),

@@ -10,15 +10,11 @@ the receiver grows past ``forwarding.cut_through_bytes``, the main process:
    by an empty element of the same tag and VR. Nothing is sent unless the
    engine passes the instance with its pixel data unchanged (by reference,
    as it passes every VOLUME image);
-2. hashes the input as it arrives and, with ``forwarding.cut_through_rate``
-   set, opens a C-STORE on every DICOM destination of the route whose
-   association is free, sends the de-identified header, then the pixel data
-   as it arrives, at most at that rate: only bytes known to lie inside the
-   pixel data element (item by item for encapsulated pixel data), never its
-   last byte. Without a rate the request is opened once the instance is
-   acknowledged: on a host where the sender, the gateway and the archive
-   share few cores, pixel data sent during the receipt slows the receipt
-   (and so the sender's acknowledgement) about as much as it saves later;
+2. opens a C-STORE on every DICOM destination of the route whose association
+   is free, sends the de-identified header, then the pixel data as it
+   arrives: only bytes known to lie inside the pixel data element (item by
+   item for encapsulated pixel data), never its last byte. The input is
+   hashed as it arrives;
 3. once the receiver has admitted the instance (durable in the spool, the
    sender answered Success), processes the entry as any other
    (:class:`~gateway.forward.Forwarder`): the full run of the engine on the
@@ -26,6 +22,12 @@ the receiver grows past ``forwarding.cut_through_bytes``, the main process:
    the rest of the instance and its last PDU only if that run wrote the same
    header, byte for byte, with the pixel data at the same place of the same
    file, and once the input's hash is known.
+
+It is off by default (``cut_through_bytes: 0``): where the sender, the
+gateway and the archive share a few cores, the work it moves into the
+receipt slows the sender's acknowledgement by more than it gains the archive
+(see ``docs/performance.md``). It pays where the archive is on another host
+or cores are to spare.
 
 Anything else (the receipt refused or cut short, another header or outcome,
 an error, the gateway stopping) leaves the request unfinished and aborts its
@@ -77,8 +79,10 @@ HEADER_STEP = 2**20
 STALL_SECONDS = 150.0
 #: How often the arriving file is looked at.
 POLL_SECONDS = 0.002
-#: Bytes sent or hashed in one step.
+#: Bytes of pixel data sent in one step, at least.
 STEP = 4 * 2**20
+#: Bytes hashed in one step.
+HASH_STEP = 2**20
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = (0xFFFE, 0xE000)
 _SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
@@ -301,34 +305,18 @@ class Arrival:
             self._declined("not-passed-unchanged")
             return None
         self._sent = element.start
-        rate = self._owner.forwarder.config.forwarding.cut_through_rate
-        # Without a rate the pixel data waits for the acknowledgement: the
-        # request is opened only then, so the archive never waits on the receipt.
-        if not rate and not self._wait_for_end():
-            self._declined("not-admitted")
-            return None
         self._open_streams(meta)
         if not self._streams:
             self._declined("destinations-busy")
             return None
         for name in self._streams:
             _log().info("cut-through.started", assoc_id=self.info.assoc_id, destination=name)
-        if rate:
-            self._pump(PixelScan(self._fd, element), rate)
+        self._pump(PixelScan(self._fd, element))
         self._sent_ahead = self._sent - element.start
         if self._entry_id is None or self.stopping:
             self._abandon_all("not-admitted")
             return None
         return self._entry_id
-
-    def _wait_for_end(self) -> bool:
-        """Wait for the receipt to end; True when it ended admitted."""
-        size = os.fstat(self._fd).st_size
-        while not self._ended.is_set():
-            if not self._wait_for_growth(size):
-                break
-            size = os.fstat(self._fd).st_size
-        return self._ended.is_set() and self._entry_id is not None and not self.stopping
 
     @property
     def stopping(self) -> bool:
@@ -410,18 +398,15 @@ class Arrival:
                 continue
             self._streams[name] = _Stream(name, link, writer)
 
-    def _pump(self, scan: PixelScan, rate: int) -> None:
+    def _pump(self, scan: PixelScan) -> None:
         """Send the pixel data known to be inside its element as it arrives,
-        at most ``rate`` bytes a second, until the receipt ends (the rest is
-        sent by :meth:`finish`)."""
-        started, first = time.monotonic(), self._sent
-        deadline = started + STALL_SECONDS
+        until the receipt ends (the rest is sent by :meth:`finish`)."""
+        deadline = time.monotonic() + STALL_SECONDS
         while self._streams and not self.stopping and not self._ended.is_set():
             size = os.fstat(self._fd).st_size
             inside = scan.inside(size)
             # Never the element's last byte: the last PDU is the full run's to send.
             limit = min(size, inside if scan.end is None else scan.end - 1)
-            limit = min(limit, first + int(rate * (time.monotonic() - started)))
             if limit - self._sent < STEP:
                 if time.monotonic() > deadline:
                     return
@@ -448,16 +433,17 @@ class Arrival:
         try:
             digest = hashlib.sha256()
             hashed = 0
+            buffer = memoryview(bytearray(HASH_STEP))  # one buffer: no allocation per step
             while not self._quit.is_set():
                 # Whether it ended is read first: the size read after it is then final.
                 ended = self._ended.is_set()
                 size = os.fstat(self._fd).st_size
                 if hashed < size:
-                    chunk = os.pread(self._fd, min(size - hashed, STEP), hashed)
-                    if not chunk:
+                    count = os.preadv(self._fd, [buffer[: min(size - hashed, HASH_STEP)]], hashed)
+                    if not count:
                         raise OSError("the input is shorter than it was")
-                    digest.update(chunk)
-                    hashed += len(chunk)
+                    digest.update(buffer[:count])
+                    hashed += count
                 elif ended and self._entry_id is not None:
                     self._digest.set_result(digest.hexdigest())
                     return
