@@ -8,7 +8,9 @@ sent from the two files by :mod:`gateway.store_scu`, or filled into one file
 for a folder and for pynetdicom's own sending (``STORE_SEND_CHUNKED_DATASET``). A spool
 entry is removed only when every destination has answered Success; failures
 are retried with exponential back-off and, after the last attempt, the entry
-goes to quarantine.
+goes to quarantine. An entry forwarded while it arrived
+(:mod:`gateway.cut_through`) is processed the same way, in the thread that
+forwarded it, and the requests it opened are completed (or abandoned) first.
 """
 
 from __future__ import annotations
