@@ -161,9 +161,14 @@ class Gateway:
         stop(self.proc)
 
     def pending(self) -> int:
-        """Entries still in the spool (acknowledged, not yet delivered)."""
-        ready = self.directory / "spool" / "ready"
-        return sum(1 for _ in ready.iterdir()) if ready.is_dir() else 0
+        """Entries still in the spool: acknowledged and not yet delivered, or
+        delivered and still being deleted (deleting a 1 GB entry takes the
+        disk most of a second, which the next round must not share)."""
+        spool = self.directory / "spool"
+        return sum(
+            sum(1 for _ in (spool / part).iterdir()) if (spool / part).is_dir() else 0
+            for part in ("ready", "done")
+        )
 
     def quarantined(self) -> int:
         held = self.directory / "quarantine"
