@@ -299,15 +299,7 @@ class DicomLink:
         if isinstance(source, Path):
             source = StoreSource(source)
         pair = (sop_class_uid, transfer_syntax_uid)
-        self.last_used = time.monotonic()
-        fresh = False
-        if pair not in self.wanted:
-            self.wanted[pair] = None
-            while len(self.wanted) > _MAX_CONTEXTS:
-                del self.wanted[next(iter(self.wanted))]
-        if self.assoc is None or not self.assoc.is_established or pair not in self._accepted():
-            self._open()
-            fresh = True
+        fresh = self._prepare(pair)
         if pair not in self._accepted():
             raise SendError("presentation context (transfer syntax) refused")
         try:
@@ -323,6 +315,19 @@ class DicomLink:
                 raise SendError("presentation context (transfer syntax) refused")
             status = self._store(source, before_last)
         return self._code(status)
+
+    def _prepare(self, pair: tuple[str, str]) -> bool:
+        """Make sure an association is open that proposed ``pair`` (SOP class,
+        transfer syntax); True when it was opened now. Raises SendError."""
+        self.last_used = time.monotonic()
+        if pair not in self.wanted:
+            self.wanted[pair] = None
+            while len(self.wanted) > _MAX_CONTEXTS:
+                del self.wanted[next(iter(self.wanted))]
+        if self.assoc is None or not self.assoc.is_established or pair not in self._accepted():
+            self._open()
+            return True
+        return False
 
     def _code(self, status: Dataset) -> int:
         """The Success or Warning status of a response, or SendError."""
@@ -340,17 +345,11 @@ class DicomLink:
         ``meta``; None when it cannot be sent that way. The caller holds
         ``lock`` until the request ends."""
         pair = (meta[0], meta[2])
-        self.last_used = time.monotonic()
-        if pair not in self.wanted:
-            self.wanted[pair] = None
         for _ in range(2):
-            fresh = False
-            if self.assoc is None or not self.assoc.is_established or pair not in self._accepted():
-                try:
-                    self._open()
-                except SendError:
-                    return None
-                fresh = True
+            try:
+                fresh = self._prepare(pair)
+            except SendError:
+                return None
             if pair not in self._accepted() or self.pdata is None or self.reader is None:
                 return None
             try:
