@@ -58,7 +58,7 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway import metrics
 from gateway.deid.report import Outcome
-from gateway.deid.stream import _PIXEL_TAGS, MalformedError, _element_end
+from gateway.deid.stream import _LONG_VRS, _PIXEL_TAGS, _UNDEFINED, MalformedError, _element_end
 from gateway.dimse import read_file_meta
 from gateway.logs import get_logger
 from gateway.priority import CUT_THROUGH_NICE, lower_thread_priority
@@ -83,10 +83,8 @@ POLL_SECONDS = 0.002
 STEP = 4 * 2**20
 #: Bytes hashed in one step.
 HASH_STEP = 2**20
-_UNDEFINED = 0xFFFFFFFF
 _ITEM = (0xFFFE, 0xE000)
 _SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"UN"})
 
 
 def _log() -> FilteringBoundLogger:
@@ -457,7 +455,6 @@ class Arrival:
     def _declined(self, reason: str) -> None:
         metrics.record_cut_through("declined")
         _log().info("cut-through.declined", assoc_id=self.info.assoc_id, reason=reason)
-        return None
 
     def _abandon(self, stream: _Stream, reason: str) -> None:
         """Leave ``stream``'s request unfinished and abort its association
