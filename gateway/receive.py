@@ -16,6 +16,7 @@ import contextlib
 import errno
 import itertools
 import logging
+import shutil
 import socket
 import ssl
 import threading
@@ -41,7 +42,7 @@ from gateway.deid.headerkey import CheckedHeaders, HeaderKey, header_key
 from gateway.logs import get_logger
 from gateway.pdu import COMMAND, LAST, P_DATA_TF_TYPE, PDU_HEADER, nothing_pending, pdata_reader, pdv_items
 from gateway.received_file import ReceivedFile
-from gateway.spool import EntryInfo, Spool, SpoolFullError
+from gateway.spool import INSTANCE, EntryInfo, Spool, SpoolFullError
 from gateway.store_scp import StoreAnswer, StoreRequest, direct_stores, serve_stores
 
 
@@ -482,7 +483,17 @@ class Receiver:
             event.assoc.acse = _PolicyACSE(
                 event.assoc, self.permits, self.ae_known, assoc_id, self.events
             )
-            serve_stores(event.assoc, self._store_direct, self.spool.incoming, self._watch)
+            serve_stores(event.assoc, self._store_direct, self._received_file, self._watch)
+
+    def _received_file(self) -> ReceivedFile:
+        """The file a data set is received into: in a spool slot, which
+        becomes its entry (:meth:`Spool.slot`)."""
+        slot = self.spool.slot()
+        try:
+            return ReceivedFile.in_directory(slot, INSTANCE)
+        except OSError:
+            shutil.rmtree(slot, ignore_errors=True)
+            raise
 
     def _on_conn_close(self, event: evt.Event) -> None:
         stores = direct_stores(event.assoc.dul)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from tempfile import NamedTemporaryFile
-from typing import cast
+from typing import IO, cast
 
 
 class ReceivedFile:
@@ -41,13 +42,30 @@ class ReceivedFile:
     """
 
     def __init__(self, incoming: Path, *, delete: bool, mode: str, suffix: str) -> None:
-        self._file = NamedTemporaryFile(  # noqa: SIM115 - closed by pynetdicom through close()
+        """A new file in ``incoming`` (pynetdicom's ``NamedTemporaryFile`` call)."""
+        temporary = NamedTemporaryFile(  # noqa: SIM115 - closed by pynetdicom through close()
             dir=incoming, prefix="recv-", delete=delete, mode=mode, suffix=suffix
         )
-        self.name = self._file.name
         # Written through the file object itself: the wrapper's attribute
         # lookup costs more than the write of a PDU's data.
-        self._raw = self._file.file
+        self._start(temporary.name, temporary, temporary.file, None)
+
+    @classmethod
+    def in_directory(cls, directory: Path, name: str) -> ReceivedFile:
+        """The file ``name`` in ``directory``, emptied if it is there, which
+        belongs to it: :meth:`delete` deletes the directory too (unless it
+        was moved meanwhile)."""
+        path = directory / name
+        raw = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+        received = cls.__new__(cls)
+        received._start(str(path), raw, raw, directory)
+        return received
+
+    def _start(self, name: str, file: IO[bytes], raw: IO[bytes], directory: Path | None) -> None:
+        self.name = name
+        self._file = file
+        self._raw = raw
+        self._directory = directory
         self._written = 0
         self._flushed = 0
         #: The flush running in a helper thread, if any.
@@ -118,6 +136,15 @@ class ReceivedFile:
     def close(self) -> None:
         with contextlib.suppress(OSError):  # a flush of data that could not be written
             self._file.close()
+
+    def delete(self) -> None:
+        """Close the file and delete what is left of it: the file, unless it
+        was moved, and its directory, unless that was moved."""
+        self.close()
+        with contextlib.suppress(OSError):
+            Path(self.name).unlink(missing_ok=True)
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
 
 
 #: How much of a received data set is written before its writeback to disk starts.

@@ -37,11 +37,9 @@ take (Evt19). A connection that ends mid data set has its file deleted.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from pynetdicom.association import Association
@@ -111,6 +109,9 @@ class ArrivalWatch(Protocol):
         is deleted)."""
 
 
+#: Opens the file a data set is received into (in the spool's ``incoming/``).
+ReceivedFiles = Callable[[], ReceivedFile]
+
 #: Admits the received file and answers. Called in the DUL thread with the
 #: file still open, which is closed and deleted (if the handler did not move
 #: it) afterwards, as pynetdicom does.
@@ -121,11 +122,11 @@ STATUS_HANDLER_FAILED = 0xC211
 
 
 def serve_stores(
-    assoc: Association, handler: StoreHandler, incoming: Path, watch: ArrivalWatch | None = None
+    assoc: Association, handler: StoreHandler, files: ReceivedFiles, watch: ArrivalWatch | None = None
 ) -> DirectStores:
     """Serve the C-STORE requests of ``assoc`` in its DUL thread (see the module);
-    received files are written to ``incoming``."""
-    stores = DirectStores(assoc, handler, incoming, watch)
+    data sets are received into the files ``files`` opens."""
+    stores = DirectStores(assoc, handler, files, watch)
     set_pdata_reader(assoc.dul, stores)
     return stores
 
@@ -140,11 +141,15 @@ class DirectStores:
     """Serves the C-STORE requests of one association in its DUL thread (see the module)."""
 
     def __init__(
-        self, assoc: Association, handler: StoreHandler, incoming: Path, watch: ArrivalWatch | None = None
+        self,
+        assoc: Association,
+        handler: StoreHandler,
+        files: ReceivedFiles,
+        watch: ArrivalWatch | None = None,
     ) -> None:
         self._assoc = assoc
         self._handler = handler
-        self._incoming = incoming
+        self._files = files
         self._watch = watch
         self._request: StoreRequest | None = None
         self._file: ReceivedFile | None = None
@@ -176,7 +181,7 @@ class DirectStores:
     def _drop(self) -> None:
         received, self._file, self._request = self._file, None, None
         if received is not None:
-            _close_and_delete(received)
+            received.delete()
             self._ended(received, None)
 
     def _ended(self, received: ReceivedFile, entry_id: str | None) -> None:
@@ -215,7 +220,7 @@ class DirectStores:
         if request is None:
             return False
         try:
-            received = ReceivedFile(self._incoming, delete=False, mode="wb", suffix=".dcm")
+            received = self._files()
         except OSError:
             return False  # pynetdicom's path meets the same error and says so
         received.write(file_meta(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax))
@@ -286,7 +291,7 @@ class DirectStores:
         except Exception:  # the handler answers for its own errors; this is a last resort
             answer = StoreAnswer(STATUS_HANDLER_FAILED)
         finally:  # as pynetdicom: the handler moved the file unless it refused it
-            _close_and_delete(received)
+            received.delete()
         self.served += 1
         transport: Any = dul.socket
         if dul.state_machine.current_state == ESTABLISHED and self._assoc.is_established and transport:
@@ -294,12 +299,6 @@ class DirectStores:
         self._ended(received, answer.entry_id)
         if answer.then is not None:
             answer.then()
-
-
-def _close_and_delete(received: ReceivedFile) -> None:
-    received.close()
-    with contextlib.suppress(OSError):
-        Path(received.name).unlink(missing_ok=True)
 
 
 def _response_pdu(request: StoreRequest, status: int) -> bytes:

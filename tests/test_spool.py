@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from gateway.quarantine import Quarantine, Reason
-from gateway.spool import EntryInfo, EntryState, Spool, SpoolFullError, SpoolLockedError
+from gateway.received_file import ReceivedFile
+from gateway.spool import (
+    ENTRY,
+    INSTANCE,
+    EntryInfo,
+    EntryState,
+    Spool,
+    SpoolFullError,
+    SpoolLockedError,
+)
 
 INFO = EntryInfo("SCANNER", "1.2.840.10008.5.1.4.1.1.77.1.6", "1.2.840.10008.1.2.1", "r", 5)
 
@@ -18,6 +27,14 @@ def received(spool: Spool, data: bytes = b"hello") -> Path:
     path = spool.incoming / "recv-test.dcm"
     path.write_bytes(data)
     return path
+
+
+def received_in_slot(spool: Spool, data: bytes) -> ReceivedFile:
+    """A data set received as the receiving process does: into a spool slot."""
+    file = ReceivedFile.in_directory(spool.slot(), INSTANCE)
+    file.write(data)
+    file.finish_writeback()
+    return file
 
 
 def test_admit_is_durable_and_survives_reopen(tmp_path: Path) -> None:
@@ -47,9 +64,12 @@ def test_recovery_drops_what_was_never_acknowledged(tmp_path: Path) -> None:
     (spool.ready / "broken").mkdir()
     (spool.done / "gone").mkdir()
     (spool.work / "gone.dcm").write_bytes(b"x")
+    # a recycled entry whose truncation a crash undid
+    (spool.free / "kept").mkdir()
+    (spool.free / "kept" / INSTANCE).write_bytes(b"an earlier instance")
     spool.close()
     assert Spool(tmp_path / "spool").open() == [kept]
-    for directory in (spool.incoming, spool.done, spool.work):
+    for directory in (spool.incoming, spool.done, spool.free, spool.work):
         assert list(directory.iterdir()) == []
     assert not (spool.ready / "broken").exists()
 
@@ -64,6 +84,61 @@ def test_state_is_replaced_atomically_and_remove_deletes(tmp_path: Path) -> None
     spool.remove(entry)
     assert spool.pending() == []
     assert list(spool.done.iterdir()) == []
+
+
+def test_delivered_entries_are_reused_without_new_inodes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    file = received_in_slot(spool, b"the first instance")
+    first = spool.admit(Path(file.name), INFO)
+    file.delete()  # as the store service does once the handler returns
+    assert list(spool.incoming.iterdir()) == []
+    assert spool.instance(first).read_bytes() == b"the first instance"
+    entry_dir = spool.path(first)
+    inodes = [path.stat().st_ino for path in (entry_dir, entry_dir / INSTANCE, entry_dir / ENTRY)]
+    spool.save_state(first, EntryState(1, [], "archive: status 0xA700"))
+
+    spool.remove(first)
+    assert spool.pending() == []
+    assert list(spool.done.iterdir()) == []
+    [kept] = spool.free.iterdir()
+    assert sorted(p.name for p in kept.iterdir()) == [ENTRY, INSTANCE]  # no state carried over
+    assert (kept / INSTANCE).stat().st_size == 0  # nothing of the instance is kept
+
+    other = EntryInfo("OTHER", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.1.2", "r", 6)
+    file = received_in_slot(spool, b"second")
+    second = spool.admit(Path(file.name), other)
+    file.delete()
+    assert list(spool.free.iterdir()) == []
+    entry_dir = spool.path(second)
+    assert [path.stat().st_ino for path in (entry_dir, entry_dir / INSTANCE, entry_dir / ENTRY)] == inodes
+    assert spool.instance(second).read_bytes() == b"second"
+    assert spool.info(second) == other
+    assert spool.state(second) == EntryState()
+    assert oct((entry_dir / INSTANCE).stat().st_mode & 0o777) == "0o600"
+
+
+def test_free_keeps_a_bounded_number_of_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.spool.FREE_SLOTS", 2)
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    entries = [spool.admit(received(spool, b"x"), INFO) for _ in range(4)]
+    for entry in entries:
+        spool.remove(entry)
+    assert len(list(spool.free.iterdir())) == 2
+    assert list(spool.done.iterdir()) == []
+
+
+def test_a_refused_receipt_leaves_no_slot_behind(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    entry = spool.admit(received(spool), INFO)
+    spool.remove(entry)  # so the next slot is a recycled one, with an entry file in it
+    file = received_in_slot(spool, b"refused")
+    Path(file.name).unlink()  # as the handler does when it refuses
+    file.delete()
+    assert list(spool.incoming.iterdir()) == []
+    assert spool.pending() == []
 
 
 def test_free_space_floor_refuses_and_leaves_nothing(tmp_path: Path) -> None:
@@ -84,7 +159,7 @@ def test_disk_full_during_commit_leaves_nothing(tmp_path: Path, monkeypatch: pyt
     def full(*args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("gateway.spool.write_json_new", full)
+    monkeypatch.setattr("gateway.spool.write_json_unseen", full)
     with pytest.raises(SpoolFullError):
         spool.admit(path, INFO)
     assert list(spool.incoming.iterdir()) == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,13 @@ class Server:
     def _open(self, event: evt.Event) -> None:
         set_nodelay(event)
         self.assocs.append(event.assoc)
-        serve_stores(event.assoc, self._direct_store, self.incoming)
+        serve_stores(event.assoc, self._direct_store, self._file)
+
+    def _file(self) -> ReceivedFile:
+        """As the gateway: a file in a directory of its own, deleted with it."""
+        directory = self.incoming / uuid.uuid4().hex
+        directory.mkdir()
+        return ReceivedFile.in_directory(directory, "instance.dcm")
 
     def _close(self, event: evt.Event) -> None:
         stores = direct_stores(event.assoc.dul)
