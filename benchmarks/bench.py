@@ -38,6 +38,7 @@ from typing import Any
 from benchmarks.floor_scp import AE_TITLE as FLOOR_AE
 from benchmarks.peers import (
     STARTUP_SECONDS,
+    ClosedFiles,
     Gateway,
     MemoryWatch,
     Orthanc,
@@ -196,14 +197,16 @@ def gateway_round(gateway: Gateway, archive: Storescp, work: Workload) -> tuple[
     """One relay round; returns (relay seconds, acknowledgement seconds)."""
     count = len(work.files)
 
-    def archived() -> bool:
+    def check() -> None:
         if gateway.quarantined():
             raise RuntimeError("the gateway quarantined an instance; see its log")
-        return archive.holds(count)
 
-    sender = Sender(gateway.port, work.files, "DEID_GATEWAY")
-    relay_end = _wait(archived, _timeout(work.size), "the archive")
+    with ClosedFiles(archive.directory) as closed:
+        sender = Sender(gateway.port, work.files, "DEID_GATEWAY")
+        relay_end = closed.wait(count, _timeout(work.size), check)
     ack = sender.join(_timeout(work.size))
+    if not archive.holds(count):
+        raise RuntimeError(f"relay: the archive holds {len(archive.files())} of {count}")
     relay = relay_end - sender.started
     _wait(lambda: gateway.pending() == 0, 60, "the spool to empty", 0.05)
     archive.clear()
@@ -333,10 +336,12 @@ def orthanc_benchmark(work: Workload, rounds: int, archive: Storescp, scratch: P
                 raise RuntimeError(f"Orthanc holds {len(studies)} studies, expected 1")
             anonymized = orthanc.request("POST", f"/studies/{studies[0]}/anonymize", {})
             done_anonymize = time.perf_counter()
-            orthanc.request(
-                "POST", "/modalities/archive/store", {"Resources": [anonymized["ID"]], "Synchronous": True}
-            )
-            forwarded = _wait(lambda: archive.holds(count), _timeout(work.size), "the archive")
+            with ClosedFiles(archive.directory) as closed:
+                store = {"Resources": [anonymized["ID"]], "Synchronous": True}
+                orthanc.request("POST", "/modalities/archive/store", store)
+                forwarded = closed.wait(count, _timeout(work.size), lambda: None)
+            if not archive.holds(count):
+                raise RuntimeError(f"Orthanc: the archive holds {len(archive.files())} of {count}")
         finally:
             orthanc.stop()
         archive.clear()

@@ -9,14 +9,17 @@ without it each small instance waits about 45 ms on a delayed ACK.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import select
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +120,68 @@ class Storescp:
             path.unlink()
 
 
+#: inotify event bits (``<sys/inotify.h>``): a file written to was closed; the queue overflowed.
+_IN_CLOSE_WRITE = 0x00000008
+_IN_Q_OVERFLOW = 0x00004000
+_INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then the name)
+
+
+class ClosedFiles:
+    """Counts the files closed after writing in a directory (Linux inotify).
+
+    Waiting for an archive to hold a workload this way costs no CPU. Polling
+    the directory (and storescp's open files) every 5 ms took about a tenth
+    of a core, in gateway rounds only, on a machine whose two cores the
+    gateway and its peers share. storescp answers a C-STORE only after
+    closing the instance's file, so each close is a stored instance.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        if libc.inotify_add_watch(self._fd, os.fsencode(directory), _IN_CLOSE_WRITE) < 0:
+            error = ctypes.get_errno()
+            os.close(self._fd)
+            raise OSError(error, f"inotify_add_watch failed on {directory}")
+        self.count = 0
+
+    def __enter__(self) -> ClosedFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
+
+    def wait(self, count: int, timeout: float, check: Callable[[], None]) -> float:
+        """The ``perf_counter`` time at which the ``count``-th file was seen
+        closed; ``check`` runs every quarter of a second and may raise."""
+        deadline = time.perf_counter() + timeout
+        seen = time.perf_counter()
+        while self.count < count:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise TimeoutError(f"{self.count} of {count} files closed in time")
+            ready, _, _ = select.select([self._fd], [], [], min(0.25, left))
+            if not ready:
+                check()
+                continue
+            seen = time.perf_counter()
+            self.count += self._closes(os.read(self._fd, 1 << 16))
+        return seen
+
+    @staticmethod
+    def _closes(events: bytes) -> int:
+        closes = offset = 0
+        while offset < len(events):
+            _, mask, _, length = _INOTIFY_EVENT.unpack_from(events, offset)
+            if mask & _IN_Q_OVERFLOW:
+                raise RuntimeError("inotify queue overflow: closes were lost")
+            closes += bool(mask & _IN_CLOSE_WRITE)
+            offset += _INOTIFY_EVENT.size + length
+        return closes
+
+
 class Gateway:
     """``python -m gateway serve`` in its own process, research profile, one DICOM destination."""
 
@@ -204,10 +269,13 @@ class MemoryWatch:
 
     ``peak_kib`` is the larger of the highest sampled VmRSS sum and the sum of
     the processes' own high-water marks (VmHWM), so no spike between two
-    samples is missed.
+    samples is missed. The kernel keeps each high-water mark, so sampling
+    only has to find the processes: every quarter of a second (at every
+    20 ms, each sample of a gateway's tree took about 1 ms of CPU, 5 % of a
+    core taken from the rounds it measured).
     """
 
-    def __init__(self, pid: int, interval: float = 0.02) -> None:
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
         self.pid = pid
         self.interval = interval
         self.sampled_kib = 0
