@@ -42,6 +42,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -256,18 +257,21 @@ class Spool:
         receiving process takes from ``free/``.
         """
         target = self.incoming / uuid.uuid4().hex
-        while True:
+        for _ in range(FREE_SLOTS + 1):  # bounded, whatever fails
             with self._lock:
                 if not self._free_names:
                     with contextlib.suppress(OSError):
                         self._free_names = [path.name for path in self.free.iterdir()]
                 name = self._free_names.pop() if self._free_names else None
             if name is None:
-                target.mkdir(mode=0o700)
-                return target
-            with contextlib.suppress(OSError):  # gone meanwhile: the next one
+                break
+            with contextlib.suppress(OSError):  # taken meanwhile, or not one to take
                 (self.free / name).rename(target)
-                return target
+                if stat.S_ISDIR(target.lstat().st_mode):
+                    return target
+                target.unlink()  # not an entry's directory (nor a link to one)
+        target.mkdir(mode=0o700)
+        return target
 
     def admit(self, received: Path, info: EntryInfo) -> str:
         """Make ``received`` durable as a new entry and return its id.

@@ -129,6 +129,22 @@ def test_free_keeps_a_bounded_number_of_entries(tmp_path: Path, monkeypatch: pyt
     assert list(spool.done.iterdir()) == []
 
 
+def test_a_slot_is_made_when_free_entries_cannot_be_taken(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    (spool.free / "stray").write_bytes(b"x")  # not an entry's directory
+    (spool.free / "link").symlink_to(tmp_path)  # nor a link to one
+    spool.incoming.rmdir()
+    with pytest.raises(FileNotFoundError):  # no incoming/: every rename fails; no endless retry
+        spool.slot()
+    spool.incoming.mkdir()
+    slot = spool.slot()
+    assert slot.parent == spool.incoming
+    assert slot.is_dir() and not slot.is_symlink()
+    assert [p.name for p in spool.incoming.iterdir()] == [slot.name]  # the others were dropped
+    assert list(spool.free.iterdir()) == []
+
+
 def test_a_refused_receipt_leaves_no_slot_behind(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     spool.open()
