@@ -285,10 +285,11 @@ class Spool:
         # on this disk yet): the forwarder writes the de-identified output on
         # the spool's disk, and a spool filled to the last byte could never
         # drain (the output would not fit and would be retried for ever).
-        if not self.has_room(info.size * (1 if received.parent == self.incoming else 2)):
+        in_slot = received.name == INSTANCE and received.parent.parent == self.incoming
+        on_disk = in_slot or received.parent == self.incoming
+        if not self.has_room(info.size * (1 if on_disk else 2)):
             received.unlink(missing_ok=True)
             raise SpoolFullError(errno.ENOSPC, "spool below its free-space floor")
-        in_slot = received.name == INSTANCE and received.parent.parent == self.incoming
         staging = received.parent if in_slot else self.incoming / uuid.uuid4().hex
         entry_id = staging.name
         try:

@@ -167,6 +167,25 @@ def test_free_space_floor_refuses_and_leaves_nothing(tmp_path: Path) -> None:
     assert spool.pending() == []
 
 
+def test_room_is_kept_for_one_more_copy_of_a_received_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance already on the spool's disk (received into incoming/ or into
+    a slot) needs room for its de-identified copy only; one from elsewhere
+    for itself as well."""
+    spool = Spool(tmp_path / "spool", min_free_bytes=1000)
+    spool.open()
+    monkeypatch.setattr(Spool, "free_bytes", lambda self: 1000 + INFO.size)
+    assert spool.admit(received(spool), INFO) in spool.pending()
+    file = received_in_slot(spool, b"hello")
+    assert spool.admit(Path(file.name), INFO) in spool.pending()
+    file.delete()
+    elsewhere = tmp_path / "elsewhere.dcm"
+    elsewhere.write_bytes(b"hello")
+    with pytest.raises(SpoolFullError):
+        spool.admit(elsewhere, INFO)
+
+
 def test_disk_full_during_commit_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spool = Spool(tmp_path / "spool")
     spool.open()
