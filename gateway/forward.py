@@ -24,7 +24,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -101,11 +101,29 @@ class _Job:
     entry_id: str
     info: EntryInfo
     log: FilteringBoundLogger
-    #: The input's SHA-256 for the audit record, computed beside the work on it.
-    input_sha256: Future[str]
+    #: The spooled input, whose SHA-256 the audit records carry.
+    input_path: Path
+    #: That hash when it is computed elsewhere: cut-through hashes the
+    #: instance while it arrives.
+    input_sha256: Future[str] | None = None
     profile: tuple[str, str] = _NO_PROFILE
     report: DeidReport | None = None
     deidentify_seconds: float = 0.0
+    _digest: str | None = None
+
+    def input_digest(self) -> str:
+        """The input's SHA-256, computed the first time it is asked for.
+
+        That is after the first delivery (or at a fate without one): hashing
+        a whole-slide level takes a core for most of a second per GB, and
+        nothing the archive is sent depends on it. Raises what reading the
+        input raised.
+        """
+        if self.input_sha256 is not None:
+            return self.input_sha256.result()
+        if self._digest is None:
+            self._digest = sha256_file(self.input_path)
+        return self._digest
 
     @property
     def image_type(self) -> str | None:
@@ -461,11 +479,6 @@ class Forwarder:
         # Evidence of what replaced what, written before an instance is delivered.
         self.mappings = MappingWriter(config.mapping_dir) if config.mapping_dir is not None else None
         self.scheduler = Scheduler()
-        # Hashing a large input takes as long as de-identifying it; hashlib
-        # releases the GIL, so it runs beside de-identification, not before it.
-        self._hashing = ThreadPoolExecutor(
-            max_workers=config.forwarding.workers, thread_name_prefix="input-hash"
-        )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._routes = {route.name: route for route in config.routes}
@@ -504,7 +517,6 @@ class Forwarder:
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads.clear()
-        self._hashing.shutdown(wait=True, cancel_futures=True)
         for link in self._links.values():
             with link.lock:
                 link.close()
@@ -578,8 +590,8 @@ class Forwarder:
             self.scheduler.retry(entry_id, self.config.forwarding.backoff_max)
 
     def _job(self, entry_id: str, info: EntryInfo, input_sha256: Future[str] | None = None) -> _Job:
-        """Start processing an entry: its logger, the hash of its input (unless
-        given), its route's profile."""
+        """Start processing an entry: its logger, its input (and that input's
+        hash if it is being computed already), its route's profile."""
         log = instance_logger(
             association_logger(info.assoc_id, info.calling_ae_title), info.sop_class_uid
         )
@@ -587,9 +599,7 @@ class Forwarder:
         profile = (
             (engine.profile.name, engine.profile.content_hash) if engine is not None else _NO_PROFILE
         )
-        if input_sha256 is None:
-            input_sha256 = self._hashing.submit(sha256_file, self.spool.instance(entry_id))
-        return _Job(entry_id, info, log, input_sha256, profile)
+        return _Job(entry_id, info, log, self.spool.instance(entry_id), input_sha256, profile)
 
     def _audit(
         self,
@@ -609,7 +619,7 @@ class Forwarder:
             AuditEntry(
                 received_at=datetime.fromisoformat(job.info.received),
                 calling_ae=job.info.calling_ae_title,
-                input_sha256=job.input_sha256.result(),
+                input_sha256=job.input_digest(),
                 profile=job.profile[0],
                 profile_sha256=job.profile[1],
                 outcome=outcome,
@@ -715,27 +725,23 @@ class Forwarder:
         transfer_syntax: str,
         arrival: Arrival | None = None,
     ) -> None:
-        """Deliver to one destination. Nothing is delivered before the input's
-        hash is known (the archive gets the last PDU only then): a failure to
-        hash raises :class:`InputNotReadyError` from it, with nothing stored,
-        and not after a delivery that the audit trail could then not record."""
+        """Deliver to one destination.
 
-        def input_hashed() -> None:
-            try:
-                job.input_sha256.result()
-            except Exception as exc:
-                raise InputNotReadyError(type(exc).__name__) from exc
-
+        A request opened while the instance arrived gets its last PDU only
+        once the input's hash, computed meanwhile, is known: a failure to
+        hash raises :class:`InputNotReadyError` from it, with nothing stored.
+        Otherwise the input is hashed after the delivery
+        (:meth:`_Job.input_digest`).
+        """
         dest = self.config.destination(name)
         if isinstance(dest, FolderDestination):
-            input_hashed()
             write_to_folder(dest, output.whole())
             return
-        if arrival is not None and arrival.finish(name, output, input_hashed) is not None:
+        if arrival is not None and arrival.finish(name, output, job.input_digest) is not None:
             return
         link = self._links[name]
         with link.lock:
-            link.send(output, job.info.sop_class_uid, transfer_syntax, before_last=input_hashed)
+            link.send(output, job.info.sop_class_uid, transfer_syntax)
 
     def _deliver(
         self,
@@ -784,7 +790,23 @@ class Forwarder:
                 size_bytes=size,
                 retry=state.attempts > 0,
             )
-            seq = self._audit(job, "forwarded", destination=name, delivered_at=datetime.now(UTC))
+            delivered_at = datetime.now(UTC)
+            try:
+                job.input_digest()
+            except OSError as exc:
+                # Delivered, but the input cannot be read for its audit record.
+                # The entry stays and is tried again (and sent again: delivery
+                # is at least once), so no delivery goes unrecorded.
+                job.log.error(
+                    "forward.input-unreadable",
+                    outcome="retrying",
+                    destination=name,
+                    reason="input-unreadable",
+                    error_type=type(exc).__name__,
+                )
+                self.scheduler.retry(entry_id, self.config.forwarding.backoff_max)
+                return
+            seq = self._audit(job, "forwarded", destination=name, delivered_at=delivered_at)
             state.delivered.append(name)
             if not set(route.destinations) <= set(state.delivered):
                 # Recorded so a restart sends to the others only; after the last

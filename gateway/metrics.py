@@ -112,6 +112,7 @@ NODE_REASONS: Final = frozenset(
         "internal-error",
         "destination-rejected",
         "retries-exhausted",
+        "input-unreadable",
     }
 )
 

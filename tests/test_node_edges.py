@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import time
@@ -13,11 +15,15 @@ import yaml
 from pydicom import dcmread
 from pynetdicom import AE
 
-from gateway import metrics
+from gateway import forward, metrics
+from gateway.audit import sha256_file
 from gateway.config import DEFAULT_CONFIG_YAML, parse_config
+from gateway.deid.stream import _file_meta_end
+from gateway.dimse import file_meta
 from gateway.node import Node
 from gateway.receive import STATUS_NOT_AUTHORIZED, STATUS_OUT_OF_RESOURCES, STATUS_TOO_LARGE
 from gateway.synthetic import PlantedPHI, write_secondary_capture, write_slide, write_sr
+from tests.logcapture import captured_logs
 
 SR = "1.2.840.10008.5.1.4.1.1.88.33"
 SC = "1.2.840.10008.5.1.4.1.1.7"
@@ -148,3 +154,60 @@ def test_the_receiving_process_has_process_metrics_of_its_own(node: Node) -> Non
     own_start = metrics.REGISTRY.get_sample_value("process_start_time_seconds")
     start = metrics.REGISTRY.get_sample_value("deid_gateway_receiver_process_start_time_seconds")
     assert own_start is not None and start is not None and start >= own_start
+
+
+def _spooled_sha256(path: Path) -> str:
+    """The SHA-256 of ``path`` as the receiver spools it: the File Meta built
+    from the C-STORE request, then the data set as sent."""
+    data = path.read_bytes()
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    head = file_meta(str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
+                     str(meta.TransferSyntaxUID))  # fmt: skip
+    return hashlib.sha256(head + data[_file_meta_end(data, 132) :]).hexdigest()
+
+
+def test_the_input_is_hashed_after_delivery_and_an_unreadable_one_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str, Path]
+) -> None:
+    """The archive does not wait for the audit record's hash of the input; a
+    delivered input that cannot then be read keeps its entry until its record
+    can be written, and is neither quarantined nor left unrecorded."""
+    monkeypatch.chdir(tmp_path)
+    archive = tmp_path / "gateway-data" / "archive"
+    archived_when_hashed: list[int] = []
+
+    def flaky_sha256(path: Path) -> str:
+        archived_when_hashed.append(len(list(archive.rglob("*.dcm"))))
+        if len(archived_when_hashed) == 1:
+            raise OSError(5, "Input/output error")
+        return sha256_file(path)
+
+    monkeypatch.setattr(forward, "sha256_file", flaky_sha256)
+    data = yaml.safe_load(DEFAULT_CONFIG_YAML)
+    data["listen"]["port"] = 0
+    data["metrics"]["port"] = 0
+    data["allowed_callers"][0]["ae_title"] = "SCANNER"
+    data["routes"] = [{"calling_ae_title": "SCANNER", "sop_classes": [SR]}]
+    data["forwarding"] = {"backoff_max": 0.2}
+    node = Node(parse_config(data, tmp_path, generate_key=True))
+    with captured_logs(json=True) as log:
+        node.start()
+        try:
+            assert node.address is not None
+            assert send(node.address[1], files["sr"]) == (True, 0)
+            wait_idle(node)
+            assert node.audit is not None
+            records = node.audit.records()
+        finally:
+            node.stop()
+    assert archived_when_hashed == [1, 1]
+    assert len(list(archive.rglob("*.dcm"))) == 1
+    assert [(r["outcome"], r["input_sha256"]) for r in records] == [
+        ("forwarded", _spooled_sha256(files["sr"]))
+    ]
+    events = [json.loads(line) for line in log.getvalue().splitlines()]
+    unreadable = [e for e in events if e["event"] == "forward.input-unreadable"]
+    assert [(e["reason"], e["outcome"], e["error_type"]) for e in unreadable] == [
+        ("input-unreadable", "retrying", "OSError")
+    ]
+    assert not node.quarantine.entries()
