@@ -13,15 +13,15 @@ the receiver grows past ``forwarding.cut_through_bytes``, the main process:
 2. opens a C-STORE on every DICOM destination of the route whose association
    is free, sends the de-identified header, then the pixel data as it
    arrives: only bytes known to lie inside the pixel data element (item by
-   item for encapsulated pixel data), never its last byte. The input is
-   hashed as it arrives;
+   item for encapsulated pixel data), never its last byte;
 3. once the receiver has admitted the instance (durable in the spool, the
    sender answered Success), processes the entry as any other
    (:class:`~gateway.forward.Forwarder`): the full run of the engine on the
    spooled file, mappings, audit. A destination with an open request gets
    the rest of the instance and its last PDU only if that run wrote the same
    header, byte for byte, with the pixel data at the same place of the same
-   file, and once the input's hash is known.
+   file. The input is hashed for its audit record after the delivery, as
+   every input is.
 
 It is off by default (``cut_through_bytes: 0``): where the sender, the
 gateway and the archive share a few cores, the work it moves into the
@@ -40,15 +40,12 @@ profile passes unchanged.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,8 +78,6 @@ STALL_SECONDS = 150.0
 POLL_SECONDS = 0.002
 #: Bytes of pixel data sent in one step, at least.
 STEP = 4 * 2**20
-#: Bytes hashed in one step.
-HASH_STEP = 2**20
 _ITEM = (0xFFFE, 0xE000)
 _SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
 
@@ -207,10 +202,6 @@ class Arrival:
         self._sent = 0
         #: Pixel data bytes sent while the instance arrived.
         self._sent_ahead = 0
-        #: The input's SHA-256, computed as it arrives by a thread of its own.
-        self._digest: Future[str] = Future()
-        self._hasher: threading.Thread | None = None
-        self._quit = threading.Event()
 
     @property
     def destinations(self) -> frozenset[str]:
@@ -238,13 +229,11 @@ class Arrival:
             if entry_id is None:
                 self._give_up()
                 return
-            self._owner.forwarder.process_arrival(entry_id, self, self._digest)
+            self._owner.forwarder.process_arrival(entry_id, self)
         finally:
             self._close()
 
-    def finish(
-        self, name: str, output: StoreSource, before_last: Callable[[], object]
-    ) -> int | None:
+    def finish(self, name: str, output: StoreSource) -> int | None:
         """Complete the request open to ``name`` with the entry's de-identified
         ``output``: its status, or None when none is open or ``output`` is not
         what was sent (the request is then abandoned, and the instance must be
@@ -270,7 +259,7 @@ class Arrival:
             trailer = output.path.stat().st_size - reference.at
             if trailer:
                 rest.append(Segment(output.path, reference.at, trailer))
-            code = stream.link.finish_stream(stream.writer, rest, before_last)
+            code = stream.link.finish_stream(stream.writer, rest)
             metrics.record_cut_through("forwarded")
             _log().info(
                 "cut-through.forwarded",
@@ -291,8 +280,6 @@ class Arrival:
         except OSError:
             self._declined("gone")
             return None
-        self._hasher = threading.Thread(target=self._hash_input, name="cut-through-hash", daemon=True)
-        self._hasher.start()
         element = self._wait_for_header()
         if element is None:
             self._declined("header-unreadable")
@@ -424,33 +411,6 @@ class Arrival:
             self._sent += count
             deadline = time.monotonic() + STALL_SECONDS
 
-    def _hash_input(self) -> None:
-        """Hash the input as it arrives; the digest is set once the whole
-        admitted file is hashed (an admitted file no longer grows)."""
-        lower_thread_priority(CUT_THROUGH_NICE)
-        try:
-            digest = hashlib.sha256()
-            hashed = 0
-            buffer = memoryview(bytearray(HASH_STEP))  # one buffer: no allocation per step
-            while not self._quit.is_set():
-                # Whether it ended is read first: the size read after it is then final.
-                ended = self._ended.is_set()
-                size = os.fstat(self._fd).st_size
-                if hashed < size:
-                    count = os.preadv(self._fd, [buffer[: min(size - hashed, HASH_STEP)]], hashed)
-                    if not count:
-                        raise OSError("the input is shorter than it was")
-                    digest.update(buffer[:count])
-                    hashed += count
-                elif ended and self._entry_id is not None:
-                    self._digest.set_result(digest.hexdigest())
-                    return
-                else:
-                    self._quit.wait(POLL_SECONDS)
-            raise OSError("the arrival was given up")
-        except Exception as exc:
-            self._digest.set_exception(exc)
-
     # ------------------------------------------------------------ endings
     def _declined(self, reason: str) -> None:
         metrics.record_cut_through("declined")
@@ -485,9 +445,6 @@ class Arrival:
 
     def _close(self) -> None:
         self._abandon_all("not-completed")
-        self._quit.set()
-        if self._hasher is not None:
-            self._hasher.join()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -23,8 +23,7 @@ import shutil
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,7 +50,6 @@ from gateway.receive import set_nodelay
 from gateway.spool import EntryInfo, Spool, fsync_dir
 from gateway.store_scu import (
     DirectPData,
-    InputNotReadyError,
     ResponseReader,
     Segment,
     StoreRequestWriter,
@@ -103,9 +101,6 @@ class _Job:
     log: FilteringBoundLogger
     #: The spooled input, whose SHA-256 the audit records carry.
     input_path: Path
-    #: That hash when it is computed elsewhere: cut-through hashes the
-    #: instance while it arrives.
-    input_sha256: Future[str] | None = None
     profile: tuple[str, str] = _NO_PROFILE
     report: DeidReport | None = None
     deidentify_seconds: float = 0.0
@@ -119,8 +114,6 @@ class _Job:
         nothing the archive is sent depends on it. Raises what reading the
         input raised.
         """
-        if self.input_sha256 is not None:
-            return self.input_sha256.result()
         if self._digest is None:
             self._digest = sha256_file(self.input_path)
         return self._digest
@@ -279,41 +272,30 @@ class DicomLink:
         self.reader = ResponseReader(self.assoc)
         set_pdata_reader(self.assoc.dul, self.reader)
 
-    def _store(self, source: StoreSource, before_last: Callable[[], object] | None) -> Any:
+    def _store(self, source: StoreSource) -> Any:
         """C-STORE over the open association; a connection that fails while
-        the PDUs are written aborts it (no response will come), and so does a
-        failure of ``before_last`` (see :func:`~gateway.store_scu.send_store`),
-        which is raised as it is."""
+        the PDUs are written aborts it (no response will come)."""
         try:
             status = None
             if self.pdata is not None and self.reader is not None:
                 message_id = next(self._message_ids)
-                status = send_store(self.assoc, self.pdata, self.reader, source, message_id, before_last)
+                status = send_store(self.assoc, self.pdata, self.reader, source, message_id)
             if status is None:
-                if before_last is not None:
-                    before_last()
                 status = self.assoc.send_c_store(source.whole())
             return status
         except OSError:
             self.assoc.abort()
             self.assoc = None
             raise SendError("connection lost while sending") from None
-        except InputNotReadyError:
-            self.assoc.abort()
-            self.assoc = None
-            raise
 
     def send(
         self,
         source: Path | StoreSource,
         sop_class_uid: str,
         transfer_syntax_uid: str,
-        *,
-        before_last: Callable[[], object] | None = None,
     ) -> int:
         """C-STORE ``source``; return the Success or Warning status or raise
-        SendError. ``before_last`` must return before the archive can store
-        the instance (see :func:`~gateway.store_scu.send_store`)."""
+        SendError."""
         if isinstance(source, Path):
             source = StoreSource(source)
         pair = (sop_class_uid, transfer_syntax_uid)
@@ -321,7 +303,7 @@ class DicomLink:
         if pair not in self._accepted():
             raise SendError("presentation context (transfer syntax) refused")
         try:
-            status = self._store(source, before_last)
+            status = self._store(source)
         except SendError:
             if fresh:
                 raise
@@ -331,7 +313,7 @@ class DicomLink:
             self._open()
             if pair not in self._accepted():
                 raise SendError("presentation context (transfer syntax) refused")
-            status = self._store(source, before_last)
+            status = self._store(source)
         return self._code(status)
 
     def _prepare(self, pair: tuple[str, str]) -> bool:
@@ -380,20 +362,15 @@ class DicomLink:
                     return None
         return None
 
-    def finish_stream(
-        self, writer: StoreRequestWriter, rest: list[Segment], before_last: Callable[[], object]
-    ) -> int:
+    def finish_stream(self, writer: StoreRequestWriter, rest: list[Segment]) -> int:
         """Complete a request from :meth:`begin` with ``rest`` of its data set;
         return or raise as :meth:`send`."""
         self.last_used = time.monotonic()
         try:
-            status = writer.finish(rest, before_last)
+            status = writer.finish(rest)
         except OSError:
             self.abort()
             raise SendError("connection lost while sending") from None
-        except InputNotReadyError:
-            self.abort()
-            raise
         return self._code(status)
 
     def abort(self) -> None:
@@ -554,16 +531,14 @@ class Forwarder:
                 continue
             self._run(entry_id)
 
-    def process_arrival(self, entry_id: str, arrival: Arrival, input_sha256: Future[str]) -> None:
+    def process_arrival(self, entry_id: str, arrival: Arrival) -> None:
         """Process an entry forwarded while it arrived, in the calling thread
-        (:mod:`gateway.cut_through`), with the input's hash computed meanwhile."""
-        self._run(entry_id, arrival, input_sha256)
+        (:mod:`gateway.cut_through`)."""
+        self._run(entry_id, arrival)
 
-    def _run(
-        self, entry_id: str, arrival: Arrival | None = None, input_sha256: Future[str] | None = None
-    ) -> None:
+    def _run(self, entry_id: str, arrival: Arrival | None = None) -> None:
         try:
-            self._process(entry_id, arrival, input_sha256)
+            self._process(entry_id, arrival)
         except Exception as exc:
             self._fail_internal(entry_id, exc)
 
@@ -589,9 +564,8 @@ class Forwarder:
         except Exception:
             self.scheduler.retry(entry_id, self.config.forwarding.backoff_max)
 
-    def _job(self, entry_id: str, info: EntryInfo, input_sha256: Future[str] | None = None) -> _Job:
-        """Start processing an entry: its logger, its input (and that input's
-        hash if it is being computed already), its route's profile."""
+    def _job(self, entry_id: str, info: EntryInfo) -> _Job:
+        """Start processing an entry: its logger, its input, its route's profile."""
         log = instance_logger(
             association_logger(info.assoc_id, info.calling_ae_title), info.sop_class_uid
         )
@@ -599,7 +573,7 @@ class Forwarder:
         profile = (
             (engine.profile.name, engine.profile.content_hash) if engine is not None else _NO_PROFILE
         )
-        return _Job(entry_id, info, log, self.spool.instance(entry_id), input_sha256, profile)
+        return _Job(entry_id, info, log, self.spool.instance(entry_id), profile)
 
     def _audit(
         self,
@@ -650,13 +624,11 @@ class Forwarder:
             audit_seq=seq,
         )
 
-    def _process(
-        self, entry_id: str, arrival: Arrival | None = None, input_sha256: Future[str] | None = None
-    ) -> None:
+    def _process(self, entry_id: str, arrival: Arrival | None = None) -> None:
         if not self.spool.path(entry_id).is_dir():
             self.scheduler.finish(entry_id)  # purged or handled meanwhile
             return
-        job = self._job(entry_id, self.spool.info(entry_id), input_sha256)
+        job = self._job(entry_id, self.spool.info(entry_id))
         route = self._routes.get(job.info.route)
         if route is None:
             self._hold(job, "route-missing", "the route of this entry is not configured")
@@ -725,19 +697,14 @@ class Forwarder:
         transfer_syntax: str,
         arrival: Arrival | None = None,
     ) -> None:
-        """Deliver to one destination.
-
-        A request opened while the instance arrived gets its last PDU only
-        once the input's hash, computed meanwhile, is known: a failure to
-        hash raises :class:`InputNotReadyError` from it, with nothing stored.
-        Otherwise the input is hashed after the delivery
-        (:meth:`_Job.input_digest`).
-        """
+        """Deliver to one destination: complete the request opened while the
+        instance arrived, if there is one and it agrees with ``output``, or
+        send ``output`` whole."""
         dest = self.config.destination(name)
         if isinstance(dest, FolderDestination):
             write_to_folder(dest, output.whole())
             return
-        if arrival is not None and arrival.finish(name, output, job.input_digest) is not None:
+        if arrival is not None and arrival.finish(name, output) is not None:
             return
         link = self._links[name]
         with link.lock:

@@ -37,7 +37,6 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -284,28 +283,17 @@ class StoreSource:
         return self.path
 
 
-class InputNotReadyError(Exception):
-    """The check before an instance's last data PDU (its input's hash) failed:
-    the request was left unfinished and the association aborted."""
-
-
 def send_store(
     assoc: Any,
     pdata: DirectPData,
     reader: ResponseReader,
     source: StoreSource,
     message_id: int,
-    before_last: Callable[[], object] | None = None,
 ) -> Dataset | None:
     """C-STORE ``source`` (see the module); the status as pynetdicom's
     ``send_c_store`` returns it (empty when no response came), or None when it
-    must be sent with pynetdicom, nothing having been sent.
-
-    ``before_last`` runs before the last data PDU is written: the archive
-    cannot store the instance before it has returned, and when it raises
-    (:class:`InputNotReadyError`, from what it raised) the request is left
-    unfinished. Raises OSError when the connection fails while the request
-    is written.
+    must be sent with pynetdicom, nothing having been sent. Raises OSError
+    when the connection fails while the request is written.
     """
     with source.path.open("rb") as fp:
         meta = read_file_meta(fp)
@@ -317,7 +305,7 @@ def send_store(
     request = StoreRequestWriter.open(assoc, pdata, reader, meta, message_id)
     if request is None:
         return None
-    return request.finish(data_set, before_last)
+    return request.finish(data_set)
 
 
 class StoreRequestWriter:
@@ -379,17 +367,16 @@ class StoreRequestWriter:
         """Write the bytes of ``segments`` (an even count) as data set
         fragments that are not the last. Raises OSError when the connection fails."""
         try:
-            self._write(segments, last=False, before_last=None)
+            self._write(segments, last=False)
         except BaseException:
             self.abandon()
             raise
 
-    def finish(self, segments: list[Segment], before_last: Callable[[], object] | None = None) -> Dataset:
-        """Write the rest of the data set, ``segments`` (not empty), the last
-        fragment only once ``before_last`` has returned (see
-        :func:`send_store`), and wait for the response."""
+    def finish(self, segments: list[Segment]) -> Dataset:
+        """Write the rest of the data set, ``segments`` (not empty), and wait
+        for the response."""
         try:
-            self._write(segments, last=True, before_last=before_last)
+            self._write(segments, last=True)
             _, response = self._assoc.dimse.get_msg(block=True)
         except BaseException:
             self.abandon()
@@ -423,9 +410,7 @@ class StoreRequestWriter:
             file = self._open_files[path] = self._files.enter_context(path.open("rb"))
         return file
 
-    def _write(
-        self, segments: list[Segment], *, last: bool, before_last: Callable[[], object] | None
-    ) -> None:
+    def _write(self, segments: list[Segment], *, last: bool) -> None:
         """Write the bytes of ``segments`` as data set fragments, one per PDU,
         copied from the files to the socket by the kernel; with ``last`` the
         last of them ends the data set."""
@@ -456,13 +441,6 @@ class StoreRequestWriter:
             header = PDU_HEADER.pack(P_DATA_TF_TYPE, 0, length + PDV_HEADER.size) + PDV_HEADER.pack(
                 length + 2, self._context_id, LAST if ends else 0
             )
-            if ends and before_last is not None:
-                try:
-                    before_last()
-                except InputNotReadyError:
-                    raise
-                except Exception as exc:
-                    raise InputNotReadyError(type(exc).__name__) from exc
             if not self._pdata.write_from_files(header, pieces):
                 raise ConnectionError("the association ended while the data set was written")
 

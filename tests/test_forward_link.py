@@ -8,7 +8,6 @@ import os
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from gateway.deid.stream import _file_meta_end
 from gateway.forward import DicomLink, SendError
 from gateway.priority import FORWARD_NICE, lower_thread_priority
 from gateway.receive import configure_pynetdicom
-from gateway.store_scu import DirectPData, InputNotReadyError, StoreSource
+from gateway.store_scu import DirectPData, StoreSource
 from gateway.synthetic import write_large_volume
 from tests.peers import Storescp
 
@@ -84,36 +83,13 @@ def test_pixel_data_by_reference_arrives_in_place(
     volume: Path, archive: Storescp, tmp_path: Path
 ) -> None:
     link = _link(archive)
-    gate: list[bool] = []
     try:
         source = _by_reference(volume, tmp_path)
-        assert link.send(source, *_sop_class_and_syntax(volume), before_last=lambda: gate.append(True)) == 0
+        assert link.send(source, *_sop_class_and_syntax(volume)) == 0
         assert source.pixels is not None  # sent from the two files, not filled in
     finally:
         link.close()
-    assert gate == [True]
     assert [_data_set(path) for path in archive.files()] == [_data_set(volume)]
-
-
-def test_a_failed_check_before_the_last_pdu_leaves_the_archive_without_it(
-    volume: Path, archive: Storescp, tmp_path: Path
-) -> None:
-    link = _link(archive)
-
-    def hash_failed() -> None:
-        raise FileNotFoundError("the input went away")
-
-    try:
-        source = _by_reference(volume, tmp_path)
-        with pytest.raises(InputNotReadyError):
-            link.send(source, *_sop_class_and_syntax(volume), before_last=hash_failed)
-        assert link.assoc is None  # aborted: the request stays unfinished
-        time.sleep(0.5)
-        assert archive.files() == []
-        assert link.send(volume, *_sop_class_and_syntax(volume)) == 0x0000  # a fresh association
-    finally:
-        link.close()
-    assert len(archive.files()) == 1
 
 
 def _sent_once_then_failing(
