@@ -98,8 +98,9 @@ ENGINE_REASONS: Final = frozenset(
 #: these codes, taken from the redactor's own enumeration.
 REDACTION_REASONS: Final = frozenset(reason.value for reason in RedactionReason)
 
-#: Reasons the node itself gives: instances refused at receipt, or quarantined
-#: by the forwarder.
+#: Reasons the node itself gives: instances refused at receipt, quarantined
+#: by the forwarder, or kept for a later try (``input-unreadable``: delivered,
+#: but not readable for its audit record's hash).
 NODE_REASONS: Final = frozenset(
     {
         "instance-too-large",

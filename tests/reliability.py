@@ -10,6 +10,7 @@ functions of the originals, so the expected output UIDs are known in advance.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -27,6 +28,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from gateway.deid import Deidentifier, Outcome, SecretKey, load_profile
+from gateway.deid.stream import _file_meta_end
+from gateway.dimse import file_meta
 from gateway.synthetic import PlantedPHI, write_sr
 
 CALLING = "SCANNER"
@@ -88,6 +91,17 @@ def archived(directories: Iterable[Path]) -> list[tuple[str, bytes]]:
                 found.append((str(dcmread(path, stop_before_pixels=True).SOPInstanceUID),
                               path.read_bytes()))
     return found
+
+
+def spooled_sha256(path: Path) -> str:
+    """The SHA-256 of the file ``path`` as the receiver spools it when it is
+    sent (the audit records' ``input_sha256``): the File Meta built from the
+    C-STORE request, then the data set as sent."""
+    data = path.read_bytes()
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    head = file_meta(str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
+                     str(meta.TransferSyntaxUID))  # fmt: skip
+    return hashlib.sha256(head + data[_file_meta_end(data, 132) :]).hexdigest()
 
 
 def _hidden(path: Path, root: Path) -> bool:

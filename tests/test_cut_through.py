@@ -13,7 +13,6 @@ leave the archive without a partial or wrong instance.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import socket
@@ -39,12 +38,12 @@ from gateway.cut_through import PixelScan, locate_pixels
 from gateway.deid import Deidentifier, load_key, load_profile
 from gateway.deid.report import DeidReport, Outcome
 from gateway.deid.stream import _file_meta_end, _pixel_extent
-from gateway.dimse import file_meta
 from gateway.node import Node, build_engines
 from gateway.receive import STATUS_TOO_LARGE
 from gateway.synthetic import PlantedPHI, write_large_volume
 from tests.logcapture import captured_logs
 from tests.peers import Storescp, free_port, storescu
+from tests.reliability import spooled_sha256
 
 VOLUME_BYTES = 24 * 2**20
 #: The link's pace: the volume takes about a second to arrive.
@@ -259,15 +258,6 @@ def _data_set(path: Path) -> bytes:
     return data[_file_meta_end(data, 132) :]
 
 
-def _received_sha256(path: Path) -> str:
-    """The SHA-256 of ``path`` as the receiver spools it: the File Meta built
-    from the C-STORE request, then the data set as sent."""
-    meta = dcmread(path, stop_before_pixels=True).file_meta
-    head = file_meta(str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
-                     str(meta.TransferSyntaxUID))  # fmt: skip
-    return hashlib.sha256(head + _data_set(path)).hexdigest()
-
-
 #: An identifying value in a private element after the pixel data.
 TRAILER_TOKEN = b"TRAILERPHI^SECRET7"
 
@@ -316,7 +306,7 @@ def test_a_large_instance_is_forwarded_while_it_arrives(
     assert _data_set(archive.files()[0]) == _data_set(expected)
     assert TRAILER_TOKEN not in archive.files()[0].read_bytes()
     forwarded = [r for r in records if r["outcome"] == "forwarded"]
-    assert len(forwarded) == 1 and forwarded[0]["input_sha256"] == _received_sha256(source)
+    assert len(forwarded) == 1 and forwarded[0]["input_sha256"] == spooled_sha256(source)
 
 
 @pytest.mark.integration

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -18,12 +17,11 @@ from pynetdicom import AE
 from gateway import forward, metrics
 from gateway.audit import sha256_file
 from gateway.config import DEFAULT_CONFIG_YAML, parse_config
-from gateway.deid.stream import _file_meta_end
-from gateway.dimse import file_meta
 from gateway.node import Node
 from gateway.receive import STATUS_NOT_AUTHORIZED, STATUS_OUT_OF_RESOURCES, STATUS_TOO_LARGE
 from gateway.synthetic import PlantedPHI, write_secondary_capture, write_slide, write_sr
 from tests.logcapture import captured_logs
+from tests.reliability import spooled_sha256
 
 SR = "1.2.840.10008.5.1.4.1.1.88.33"
 SC = "1.2.840.10008.5.1.4.1.1.7"
@@ -53,13 +51,18 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def _node(tmp_path: Path, limits: dict[str, object]) -> Node:
-    """The embedded defaults, on a free port, with ``limits`` and one SR-only route."""
+def _node(
+    tmp_path: Path, limits: dict[str, object], forwarding: dict[str, object] | None = None
+) -> Node:
+    """The embedded defaults, on a free port, with ``limits``, ``forwarding``
+    settings and one route for SR and secondary capture."""
     data = yaml.safe_load(DEFAULT_CONFIG_YAML)
     data["listen"]["port"] = 0
     data["metrics"]["port"] = 0
     data["allowed_callers"][0]["ae_title"] = "SCANNER"
     data["limits"] = limits
+    if forwarding is not None:
+        data["forwarding"] = forwarding
     data["routes"] = [{"calling_ae_title": "SCANNER", "sop_classes": [SR, SC]}]
     return Node(parse_config(data, tmp_path, generate_key=True))
 
@@ -156,16 +159,6 @@ def test_the_receiving_process_has_process_metrics_of_its_own(node: Node) -> Non
     assert own_start is not None and start is not None and start >= own_start
 
 
-def _spooled_sha256(path: Path) -> str:
-    """The SHA-256 of ``path`` as the receiver spools it: the File Meta built
-    from the C-STORE request, then the data set as sent."""
-    data = path.read_bytes()
-    meta = dcmread(path, stop_before_pixels=True).file_meta
-    head = file_meta(str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
-                     str(meta.TransferSyntaxUID))  # fmt: skip
-    return hashlib.sha256(head + data[_file_meta_end(data, 132) :]).hexdigest()
-
-
 def test_the_input_is_hashed_after_delivery_and_an_unreadable_one_is_retried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str, Path]
 ) -> None:
@@ -183,13 +176,7 @@ def test_the_input_is_hashed_after_delivery_and_an_unreadable_one_is_retried(
         return sha256_file(path)
 
     monkeypatch.setattr(forward, "sha256_file", flaky_sha256)
-    data = yaml.safe_load(DEFAULT_CONFIG_YAML)
-    data["listen"]["port"] = 0
-    data["metrics"]["port"] = 0
-    data["allowed_callers"][0]["ae_title"] = "SCANNER"
-    data["routes"] = [{"calling_ae_title": "SCANNER", "sop_classes": [SR]}]
-    data["forwarding"] = {"backoff_max": 0.2}
-    node = Node(parse_config(data, tmp_path, generate_key=True))
+    node = _node(tmp_path, {}, forwarding={"backoff_max": 0.2})
     with captured_logs(json=True) as log:
         node.start()
         try:
@@ -203,7 +190,7 @@ def test_the_input_is_hashed_after_delivery_and_an_unreadable_one_is_retried(
     assert archived_when_hashed == [1, 1]
     assert len(list(archive.rglob("*.dcm"))) == 1
     assert [(r["outcome"], r["input_sha256"]) for r in records] == [
-        ("forwarded", _spooled_sha256(files["sr"]))
+        ("forwarded", spooled_sha256(files["sr"]))
     ]
     events = [json.loads(line) for line in log.getvalue().splitlines()]
     unreadable = [e for e in events if e["event"] == "forward.input-unreadable"]
